@@ -1,0 +1,104 @@
+"""Flower ClientApp: a merchant fine-tunes the global model on its private shard (thin glue over common/)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from common import data as D
+from common import model as M
+from common import train as T
+from common.config import FedshopConfig, from_run_config, to_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Merchant:
+    """What a merchant keeps between messages: its tokenised shard and a model skeleton."""
+
+    index: int
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    train: datasets.Dataset
+    val: datasets.Dataset
+    gains: list[float] | None
+
+
+_MERCHANTS: dict[tuple[str, str], Merchant] = {}
+
+
+def load_merchant(cfg: FedshopConfig, node_config: dict[str, Any]) -> Merchant:
+    """This node's shard (a local file in deployment, a partition in simulation), tokenised and cached."""
+    key = (to_json(cfg), repr(sorted(node_config.items())))
+    if key in _MERCHANTS:
+        return _MERCHANTS[key]
+    if node_config.get("shard"):
+        train, val, labels = D.load_shard(str(node_config["shard"]), cfg)
+        index = int(node_config.get("merchant-index", 0))
+        name = str(node_config.get("merchant-name", f"merchant_{index:02d}"))
+    else:
+        fd = D.prepare(cfg)
+        index = int(node_config["partition-id"])
+        train, val, labels, name = fd.train[index], fd.val[index], fd.labels, fd.names[index]
+    T.configure_threads(cfg.train)
+    tokenizer = M.load_tokenizer(cfg.model)
+    merchant = Merchant(
+        index=index, name=name, model=M.build_model(cfg.model, labels, cfg.seed), tokenizer=tokenizer,
+        train=M.tokenize(train, tokenizer, cfg.train.max_length),
+        val=M.tokenize(val, tokenizer, cfg.train.max_length), gains=D.label_gains(cfg.data, labels))
+    _MERCHANTS.clear()
+    _MERCHANTS[key] = merchant
+    return merchant
+
+
+def to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    """numpy weights -> Flower ArrayRecord (key order kept)."""
+    return ArrayRecord({k: Array(v) for k, v in weights.items()})
+
+
+def from_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Flower ArrayRecord -> numpy weights."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
+    """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run."""
+    app = ClientApp()
+
+    def setup(msg: Message, context: Context) -> tuple[FedshopConfig, Merchant, int]:
+        cfg = fixed_cfg or from_run_config(dict(context.run_config))
+        merchant = load_merchant(cfg, dict(context.node_config))
+        M.set_weights(merchant.model, from_arrays(msg.content["arrays"]))
+        return cfg, merchant, int(msg.content["config"]["server-round"])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, merchant, rnd = setup(msg, context)
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        seed = cfg.seed * 1_000_003 + rnd * 1009 + merchant.index
+        metrics = T.train(merchant.model, merchant.train, merchant.tokenizer, cfg.train, cfg.train.local_epochs,
+                          seed, proximal_mu=mu, desc=f"{merchant.name} round {rnd}")
+        reply = RecordDict({"arrays": to_arrays(M.get_weights(merchant.model)),
+                            "metrics": MetricRecord({**metrics, "merchant-index": merchant.index})})
+        return Message(content=reply, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg, merchant, _ = setup(msg, context)
+        metrics = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
+        reply = RecordDict({"metrics": MetricRecord({**metrics, "merchant-index": merchant.index})})
+        return Message(content=reply, reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

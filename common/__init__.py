@@ -1,0 +1,1 @@
+"""fedshop's machine learning: data, model, training, metrics and checkpoints (no Flower imports)."""

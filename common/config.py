@@ -1,0 +1,225 @@
+"""Typed configuration schema: the shape and types of conf/, validated up front.
+
+Values live in conf/ (once); this module only declares their types and checks their ranges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.errors import FedshopError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class SyntheticConfig:
+    """Size and shape of the built-in marketplace."""
+
+    num_merchants: int = MISSING
+    num_queries: int = MISSING
+    num_reviews: int = MISSING
+    concentration: float = MISSING
+    label_noise: float = MISSING
+
+
+@dataclass
+class ColumnsConfig:
+    """Which column of the user's file holds each field (null when absent)."""
+
+    text: str = MISSING
+    text_pair: str | None = None
+    label: str = MISSING
+    merchant: str | None = None
+    query_id: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are read and validated."""
+
+    source: str = MISSING  # synthetic | file
+    task: str = MISSING  # relevance | sentiment
+    path: str | None = None
+    format: str = MISSING  # auto | csv | json | parquet
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    labels: list[str] | None = None
+    gains: dict[str, float] = field(default_factory=dict)
+    test_fraction: float = MISSING
+    val_fraction: float = MISSING
+    max_text_chars: int = MISSING
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class PartitionConfig:
+    """How the data is split into merchant shards."""
+
+    name: str = MISSING  # natural | dirichlet | iid
+    num_partitions: int | None = None
+    alpha: float | None = None
+    min_partition_size: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune; tiny_* describe the random-init test model."""
+
+    name: str = MISSING  # minilm | tiny | local
+    path: str | None = None
+    tiny_hidden_size: int | None = None
+    tiny_layers: int | None = None
+    tiny_heads: int | None = None
+    tiny_intermediate_size: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Local training on one merchant."""
+
+    local_epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    max_length: int = MISSING
+    lr: float = MISSING
+    warmup_ratio: float = MISSING
+    weight_decay: float = MISSING
+    grad_clip: float = MISSING
+    device: str = MISSING  # auto | cpu | cuda
+    num_threads: int | None = None
+    progress: bool = MISSING
+
+
+@dataclass
+class StrategyConfig:
+    """Server aggregation strategy and round schedule."""
+
+    name: str = MISSING  # fedavg | fedprox | fedadam
+    num_rounds: int = MISSING
+    fraction_train: float = MISSING
+    fraction_evaluate: float = MISSING
+    min_train_nodes: int = MISSING
+    min_evaluate_nodes: int = MISSING
+    min_available_nodes: int = MISSING
+    round_timeout: float = MISSING
+    proximal_mu: float | None = None
+    eta: float | None = None
+    eta_l: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
+
+
+@dataclass
+class SimulationConfig:
+    """K virtual merchants on one machine."""
+
+    num_merchants: int = MISSING
+    client_cpus: float = MISSING
+    client_gpus: float = MISSING
+
+
+@dataclass
+class FedshopConfig:
+    """The whole composed configuration."""
+
+    seed: int = MISSING
+    mode: str = MISSING  # federated | centralized | alone
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise FedshopError(f"config {key}={value!r}: expected {expected}")
+
+
+def validate(cfg: FedshopConfig) -> FedshopConfig:
+    """Check value ranges and cross-field rules; return cfg unchanged when all hold."""
+    d, t, s = cfg.data, cfg.train, cfg.strategy
+    _check(cfg.mode in {"federated", "centralized", "alone"}, "mode", cfg.mode, "federated|centralized|alone")
+    _check(d.source in {"synthetic", "file"}, "data.source", d.source, "synthetic|file")
+    _check(d.task in {"relevance", "sentiment"}, "data.task", d.task, "relevance|sentiment")
+    _check(d.source != "file" or bool(d.path), "data.path", d.path, "a file path when data.source=file")
+    _check(d.format in {"auto", "csv", "json", "parquet"}, "data.format", d.format, "auto|csv|json|parquet")
+    _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a fraction in (0, 1)")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a fraction in [0, 1)")
+    _check(d.max_text_chars > 0, "data.max_text_chars", d.max_text_chars, "> 0")
+    _check(d.task != "relevance" or bool(d.columns.text_pair), "data.columns.text_pair", d.columns.text_pair,
+           "a column name for task=relevance")
+    p = cfg.partition
+    _check(p.name in {"natural", "dirichlet", "iid"}, "partition.name", p.name, "natural|dirichlet|iid")
+    _check(p.name != "natural" or bool(d.columns.merchant), "data.columns.merchant", d.columns.merchant,
+           "a column name when partition=natural")
+    _check(p.name != "dirichlet" or (p.alpha or 0) > 0, "partition.alpha", p.alpha, "> 0")
+    _check(cfg.model.name in {"minilm", "tiny", "local"}, "model.name", cfg.model.name, "minilm|tiny|local")
+    _check(cfg.model.name != "local" or bool(cfg.model.path), "model.path", cfg.model.path,
+           "a local Hugging Face model directory when model=local")
+    for key in ("local_epochs", "batch_size", "eval_batch_size", "max_length"):
+        _check(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "> 0")
+    _check(t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", t.warmup_ratio, "a fraction in [0, 1)")
+    _check(t.device in {"auto", "cpu", "cuda"}, "train.device", t.device, "auto|cpu|cuda")
+    _check(s.name in {"fedavg", "fedprox", "fedadam"}, "strategy.name", s.name, "fedavg|fedprox|fedadam")
+    _check(s.num_rounds > 0, "strategy.num_rounds", s.num_rounds, "> 0")
+    _check(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train", s.fraction_train, "a fraction in (0, 1]")
+    _check(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction_evaluate", s.fraction_evaluate, "in [0, 1]")
+    k = cfg.simulation.num_merchants
+    _check(k > 0, "simulation.num_merchants", k, "> 0")
+    _check(s.min_available_nodes <= k, "strategy.min_available_nodes", s.min_available_nodes,
+           f"<= simulation.num_merchants ({k})")
+    _check(s.min_train_nodes <= k, "strategy.min_train_nodes", s.min_train_nodes,
+           f"<= simulation.num_merchants ({k})")
+    return cfg
+
+
+def to_typed(raw: DictConfig | dict[str, Any]) -> FedshopConfig:
+    """Merge a composed config onto the schema (type-checking it) and validate ranges."""
+    schema = OmegaConf.structured(FedshopConfig)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        typed: FedshopConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise FedshopError(f"config: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
+    return validate(typed)
+
+
+def to_json(cfg: FedshopConfig) -> str:
+    """Serialise a typed config to a canonical JSON string (stable key order)."""
+    return json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), sort_keys=True)
+
+
+def from_json(text: str) -> FedshopConfig:
+    """Inverse of to_json."""
+    return to_typed(json.loads(text))
+
+
+def compose(overrides: list[str] | None = None) -> FedshopConfig:
+    """Compose conf/ with Hydra's compose API (outside a Hydra app), apply overrides, validate."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        raw = hydra_compose(config_name="config", overrides=list(overrides or []))
+    raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"])
+    return to_typed(raw)
+
+
+def from_run_config(run_config: dict[str, Any]) -> FedshopConfig:
+    """The config a Flower run carries: `config-json` (launchers) or `overrides` composed from conf/ (flwr run)."""
+    if run_config.get("config-json"):
+        return from_json(str(run_config["config-json"]))
+    return compose(str(run_config.get("overrides", "")).split())

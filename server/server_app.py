@@ -1,0 +1,27 @@
+"""Flower ServerApp: thin glue that hands the Grid to the round loop in server.federation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import FedshopConfig, from_run_config
+from server.federation import run_federated
+
+
+def build_server_app(fixed_cfg: FedshopConfig | None = None, run_dir: Path | None = None) -> ServerApp:
+    """A ServerApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = fixed_cfg or from_run_config(dict(context.run_config))
+        out = run_dir or Path(str(context.run_config.get("run-dir") or f"outputs/flwr-run-{context.run_id}"))
+        run_federated(grid, cfg, out.resolve())
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,153 @@
+"""Strategy factory (Flower's FedAvg / FedProx / FedAdam) and a recording wrapper that validates replies."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from common.config import StrategyConfig
+
+log = logging.getLogger(__name__)
+WEIGHT_KEY = "num-examples"
+INFO_KEYS = ("merchant-index",)
+
+
+def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Flower's weighted metric average, without the per-merchant bookkeeping keys."""
+    out = aggregate_metricrecords(records, weight_key)
+    for key in INFO_KEYS:
+        out.pop(key, None)
+    return out
+
+
+def build_strategy(cfg: StrategyConfig) -> FedAvg:
+    """Flower's strategy for strategy.name, weighted by each merchant's number of training examples."""
+    common: dict[str, Any] = dict(
+        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes, weighted_by_key=WEIGHT_KEY,
+        train_metrics_aggr_fn=_aggregate_metrics, evaluate_metrics_aggr_fn=_aggregate_metrics)
+    if cfg.name == "fedprox":
+        return FedProx(proximal_mu=float(cfg.proximal_mu or 0.0), **common)
+    if cfg.name == "fedadam":
+        return FedAdam(eta=float(cfg.eta or 1e-3), eta_l=float(cfg.eta_l or 1e-3), beta_1=float(cfg.beta_1 or 0.9),
+                       beta_2=float(cfg.beta_2 or 0.99), tau=float(cfg.tau or 1e-9), **common)
+    return FedAvg(**common)
+
+
+def _nbytes(record: RecordDict) -> int:
+    return sum(len(a.data) for rec in record.array_records.values() for a in rec.values())
+
+
+def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """Why a training reply must not be aggregated (None when it is fine)."""
+    if len(reply.array_records) != 1 or len(reply.metric_records) != 1:
+        return "expected one ArrayRecord and one MetricRecord"
+    metrics = next(iter(reply.metric_records.values()))
+    n = metrics.get(WEIGHT_KEY)
+    if not isinstance(n, int | float) or isinstance(n, bool) or not math.isfinite(float(n)) or n <= 0:
+        return f"missing or invalid {WEIGHT_KEY}={n!r}"
+    arrays = next(iter(reply.array_records.values()))
+    if set(arrays.keys()) != set(expected):
+        return f"array names differ from the global model ({len(arrays)} vs {len(expected)} arrays)"
+    for key, arr in arrays.items():
+        shape, dtype = expected[key]
+        if tuple(arr.shape) != shape or arr.dtype != dtype:
+            return f"{key}: shape {tuple(arr.shape)} dtype {arr.dtype}, expected {shape} {dtype}"
+        if not np.isfinite(arr.numpy()).all():
+            return f"{key}: contains NaN or Inf"
+    return None
+
+
+class RecordingStrategy(Strategy):
+    """Wraps a Flower strategy: rejects malformed updates and records who was sampled, replied or dropped."""
+
+    def __init__(self, inner: FedAvg) -> None:
+        self.inner = inner
+        self.record: dict[str, Any] = {}
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
+
+    def new_round(self) -> None:
+        """Start a fresh per-round record."""
+        self.record = {"sampled": [], "replied": [], "dropped": [], "evaluated": []}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Delegate, remembering the sampled nodes and the global arrays' shapes."""
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        self.record["sampled"] = [m.metadata.dst_node_id for m in messages]
+        self.record["bytes_down_per_merchant"] = _nbytes(messages[0].content) if messages else 0
+        self.record["t_train_sent"] = time.time()
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply, record it, and aggregate the valid ones with the wrapped strategy."""
+        valid = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.record["dropped"].append({"node": node, "reason": f"error: {msg.error.reason}"})
+                continue
+            problem = check_update(msg.content, self._expected)
+            if problem:
+                log.warning("round %d: rejected the update of node %d: %s", server_round, node, problem)
+                self.record["dropped"].append({"node": node, "reason": f"rejected: {problem}"})
+                continue
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            self.record["replied"].append({
+                "node": node, "merchant_index": metrics.get("merchant-index"),
+                "num_examples": metrics.get(WEIGHT_KEY), "train_loss": metrics.get("train-loss"),
+                "train_seconds": metrics.get("train-seconds"), "bytes_up": _nbytes(msg.content),
+                "bytes_down": self.record["bytes_down_per_merchant"]})
+            valid.append(msg)
+        answered = {r["node"] for r in self.record["replied"]} | {d["node"] for d in self.record["dropped"]}
+        for node in self.record["sampled"]:
+            if node not in answered:
+                self.record["dropped"].append({"node": node, "reason": "no reply before the round timeout"})
+        if not valid:
+            return None, None
+        return self.inner.aggregate_train(server_round, valid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Delegate federated evaluation sampling."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record which merchants evaluated, then aggregate with the wrapped strategy."""
+        replies = [m for m in replies if not m.has_error()]
+        for msg in replies:
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            self.record["evaluated"].append({"node": msg.metadata.src_node_id, **metrics})
+        usable = [m for m in replies if float(next(iter(m.content.metric_records.values()))[WEIGHT_KEY]) > 0]
+        return self.inner.aggregate_evaluate(server_round, usable) if usable else None
+
+    def state(self) -> dict[str, Any]:
+        """Strategy state that a resume must restore (FedAdam moments); torch.save-safe."""
+        out: dict[str, Any] = {}
+        for key in ("m_t", "v_t"):
+            value = getattr(self.inner, key, None)
+            if value:
+                out[key] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in value.items()}
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Inverse of state()."""
+        for key, value in state.items():
+            setattr(self.inner, key, {k: v.numpy() for k, v in value.items()})

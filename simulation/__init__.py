@@ -1,0 +1,1 @@
+"""K virtual merchants on one machine: `python -m simulation` (Hydra)."""
