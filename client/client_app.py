@@ -77,13 +77,13 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
     def setup(msg: Message, context: Context) -> tuple[FedshopConfig, Merchant, int]:
         cfg = fixed_cfg or from_run_config(dict(context.run_config))
         merchant = load_merchant(cfg, dict(context.node_config))
-        M.set_weights(merchant.model, from_arrays(msg.content["arrays"]))
-        return cfg, merchant, int(msg.content["config"]["server-round"])
+        M.set_weights(merchant.model, from_arrays(msg.content.array_records["arrays"]))
+        return cfg, merchant, int(str(msg.content.config_records["config"]["server-round"]))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, merchant, rnd = setup(msg, context)
-        mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        mu = float(str(msg.content.config_records["config"].get("proximal-mu", 0.0)))
         seed = cfg.seed * 1_000_003 + rnd * 1009 + merchant.index
         metrics = T.train(merchant.model, merchant.train, merchant.tokenizer, cfg.train, cfg.train.local_epochs,
                           seed, proximal_mu=mu, desc=f"{merchant.name} round {rnd}")

@@ -24,9 +24,10 @@ def config_hash(config_json: str) -> str:
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states in a torch.save-safe form."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
-                                                    *np_state[2:]), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+            "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -214,7 +214,6 @@ def compose(overrides: list[str] | None = None) -> FedshopConfig:
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         raw = hydra_compose(config_name="config", overrides=list(overrides or []))
-    raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"])
     return to_typed(raw)
 
 

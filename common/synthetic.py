@@ -105,10 +105,10 @@ CATEGORIES = sorted({t.category for t in TYPES})
 
 # Attribute values: title spelling -> spellings shoppers type.
 COLORS = {
-    "black": ["black", "jet black"], "white": ["white", "ivory"], "navy blue": ["navy", "dark blue"],
-    "red": ["red", "crimson"], "grey": ["grey", "gray"], "green": ["green", "olive"],
-    "pink": ["pink", "rose"], "beige": ["beige", "tan"], "brown": ["brown", "chocolate"],
-    "silver": ["silver", "metallic"],
+    "black": ["black", "ebony", "onyx"], "white": ["white", "ivory", "snow"], "navy blue": ["navy", "marine"],
+    "red": ["red", "crimson", "scarlet"], "grey": ["grey", "gray", "charcoal"], "green": ["green", "olive"],
+    "pink": ["pink", "rose", "blush"], "beige": ["beige", "tan", "sand"], "brown": ["brown", "chocolate"],
+    "silver": ["silver", "metallic", "chrome"],
 }
 DIMS: dict[str, dict[str, list[str]]] = {
     "material": {"leather": ["leather"], "cotton": ["cotton"], "wool": ["wool", "woolen"],
@@ -132,7 +132,7 @@ BRANDS = ["Aurora", "Kestrel", "Norden", "Vantage", "Lumio", "Bramble", "Cobalt"
 TITLE_EXTRAS = ["", "", "Premium", "Classic", "Pro", "Deluxe", "Eco", "Compact", "2-Pack", "New Edition"]
 QUERY_TEMPLATES = [
     "{a} {t}", "{t} {a}", "{a} {t}", "{t} {a}", "best {a} {t}", "cheap {a} {t}",
-    "{t} in {a}", "{a} {t} for gift", "{t} {a} sale", "{b} {a} {t}",
+    "{t} in {a}", "{a} {t} for gift", "{t} {a} sale", "{b} {a} {t}", "{b} {t} {a}", "{b} {a} {t}",
 ]
 
 
@@ -149,30 +149,32 @@ class _Product:
         parts = [self.brand, self.extra, self.color.title() if rng.random() < 0.5 else self.color]
         if self.attr:
             parts.append(self.attr)
-        parts.append(self.ptype.name.title() if rng.random() < 0.5 else self.ptype.name)
+        noun = rng.choice(self.ptype.synonyms) if rng.random() < 0.5 else self.ptype.name
+        parts.append(noun.title() if rng.random() < 0.5 else noun)
         title = " ".join(p for p in parts if p)
         if rng.random() < 0.3:
             title += rng.choice([", free shipping", " - 1 year warranty", " (renewed)", ", gift box"])
         return title
 
 
-def _product(rng: random.Random, ptype: ProductType, fixed: dict[str, str]) -> _Product:
+def _product(rng: random.Random, ptype: ProductType, fixed: dict[str, str], brand: str = "") -> _Product:
     color = fixed.get("color") or rng.choice(list(COLORS))
     attr = None
     if ptype.dims:
         attr = fixed.get(ptype.dims[0]) or rng.choice(list(DIMS[ptype.dims[0]]))
-    return _Product(ptype, color, attr, rng.choice(BRANDS), rng.choice(TITLE_EXTRAS))
+    return _Product(ptype, color, attr, brand or rng.choice(BRANDS), rng.choice(TITLE_EXTRAS))
 
 
-def _query(rng: random.Random, ptype: ProductType, wanted: dict[str, str], brand: str) -> str:
+def _query(rng: random.Random, ptype: ProductType, wanted: dict[str, str], brand: str) -> tuple[str, bool]:
+    """Query text and whether it names the brand."""
     words = []
     for dim, value in wanted.items():
         table = COLORS if dim == "color" else DIMS[dim]
         words.append(rng.choice(table[value]))
-    type_text = rng.choice(ptype.synonyms) if rng.random() < 0.7 else ptype.name
+    type_text = rng.choice(ptype.synonyms) if rng.random() < 0.6 else ptype.name
     template = rng.choice(QUERY_TEMPLATES) if words else rng.choice(["{t}", "best {t}", "{t} deals", "{b} {t}"])
     query = template.format(a=" ".join(words), t=type_text, b=brand.lower())
-    return " ".join(query.split())
+    return " ".join(query.split()), "{b}" in template
 
 
 def _mismatch(rng: random.Random, dim: str, value: str) -> str:
@@ -217,15 +219,19 @@ def generate_relevance(num_merchants: int = 8, num_queries: int = 300, seed: int
             if ptype.dims and rng.random() < 0.6:
                 wanted[ptype.dims[0]] = rng.choice(list(DIMS[ptype.dims[0]]))
             brand = rng.choice(BRANDS)
-            query = _query(rng, ptype, wanted, brand)
+            query, brand_wanted = _query(rng, ptype, wanted, brand)
+            exact_brand = brand if brand_wanted else ""
             cands: list[tuple[_Product, str]] = []
             for _ in range(rng.randint(2, 3)):
-                cands.append((_product(rng, ptype, wanted), "exact"))
+                cands.append((_product(rng, ptype, wanted, exact_brand), "exact"))
             for _ in range(rng.randint(1, 2)):
-                if wanted and rng.random() < 0.7:
+                if brand_wanted and rng.random() < 0.4:
+                    other_brand = rng.choice([b for b in BRANDS if b != brand])
+                    cands.append((_product(rng, ptype, wanted, other_brand), "substitute"))
+                elif wanted and rng.random() < 0.7:
                     dim = rng.choice(list(wanted))
                     fixed = dict(wanted, **{dim: _mismatch(rng, dim, wanted[dim])})
-                    cands.append((_product(rng, ptype, fixed), "substitute"))
+                    cands.append((_product(rng, ptype, fixed, exact_brand), "substitute"))
                 elif ptype.siblings:
                     sib = TYPE_BY_NAME[rng.choice(ptype.siblings)]
                     cands.append((_product(rng, sib, {"color": wanted.get("color", "")}), "substitute"))
@@ -236,7 +242,7 @@ def generate_relevance(num_merchants: int = 8, num_queries: int = 300, seed: int
                         and t.name not in ptype.accessories and t.name not in ptype.siblings]
             others = [t for t in TYPES if t.category != category]
             hard = rng.choice(same_cat) if same_cat else rng.choice(others)
-            cands.append((_product(rng, hard, {"color": wanted.get("color", "")}), "irrelevant"))
+            cands.append((_product(rng, hard, {"color": wanted.get("color", "")}, brand), "irrelevant"))
             cands.append((_product(rng, rng.choice(others), {}), "irrelevant"))
             rng.shuffle(cands)
             for product, label in cands:

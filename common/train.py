@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from common.config import TrainConfig
 from common.metrics import classification_report
@@ -63,7 +63,7 @@ def _batches(loader: DataLoader, device: torch.device) -> Iterator[dict[str, tor
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-def train(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
+def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
           epochs: int, seed: int, proximal_mu: float = 0.0, desc: str = "train") -> dict[str, float]:
     """Fine-tune in place for `epochs` over tokenised `ds`; returns mean loss, num-examples, seconds."""
     t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def train(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedTok
     total_loss, seen = 0.0, 0
     for epoch in range(epochs):
         bar = tqdm(_batches(loader, device), total=len(loader), desc=f"{desc} epoch {epoch + 1}/{epochs}",
-                   disable=not cfg.progress, leave=False, mininterval=2.0)
+                   disable=None if cfg.progress else True, leave=False, mininterval=1.0)
         for batch in bar:
             with _autocast(device):
                 out = model(**batch)
@@ -102,14 +102,14 @@ def train(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedTok
             n = int(batch["labels"].shape[0])
             total_loss += float(out.loss.detach()) * n
             seen += n
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
     model.to("cpu")
     return {"train-loss": total_loss / max(seen, 1), "num-examples": len(ds),
             "train-seconds": time.perf_counter() - t0}
 
 
 @torch.no_grad()
-def predict(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
+def predict(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
             cfg: TrainConfig) -> tuple[np.ndarray, float]:
     """Class probabilities (float64, one row per example) and the mean cross-entropy loss."""
     device = pick_device(cfg.device)
@@ -126,7 +126,7 @@ def predict(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedT
     return np.concatenate(probs), total_loss / max(len(ds), 1)
 
 
-def evaluate(model: PreTrainedModel, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
+def evaluate(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
              label_gains: list[float] | None) -> dict[str, float]:
     """loss, accuracy, macro_f1 and (relevance) ndcg@10 of the model on tokenised `ds`."""
     if len(ds) == 0:

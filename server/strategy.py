@@ -49,6 +49,11 @@ def _nbytes(record: RecordDict) -> int:
     return sum(len(a.data) for rec in record.array_records.values() for a in rec.values())
 
 
+def _weight(reply: RecordDict) -> float:
+    value = next(iter(reply.metric_records.values())).get(WEIGHT_KEY)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
     """Why a training reply must not be aggregated (None when it is fine)."""
     if len(reply.array_records) != 1 or len(reply.metric_records) != 1:
@@ -83,7 +88,7 @@ class RecordingStrategy(Strategy):
 
     def new_round(self) -> None:
         """Start a fresh per-round record."""
-        self.record = {"sampled": [], "replied": [], "dropped": [], "evaluated": []}
+        self.record = {"sampled": [], "replied": [], "dropped": [], "evaluated": [], "bytes_down_per_merchant": 0}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -135,7 +140,7 @@ class RecordingStrategy(Strategy):
         for msg in replies:
             metrics = dict(next(iter(msg.content.metric_records.values())))
             self.record["evaluated"].append({"node": msg.metadata.src_node_id, **metrics})
-        usable = [m for m in replies if float(next(iter(m.content.metric_records.values()))[WEIGHT_KEY]) > 0]
+        usable = [m for m in replies if _weight(m.content) > 0]
         return self.inner.aggregate_evaluate(server_round, usable) if usable else None
 
     def state(self) -> dict[str, Any]:

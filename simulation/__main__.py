@@ -48,7 +48,8 @@ def run(cfg_raw: DictConfig, run_dir: Path) -> dict[str, float]:
         from client.client_app import build_client_app
         from server.server_app import build_server_app
 
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         gpus = torch.cuda.device_count()
         run_simulation(
             server_app=build_server_app(cfg, run_dir), client_app=build_client_app(cfg),

@@ -1,0 +1,206 @@
+"""Data loading, validation (every bad input names file, column, row, value), splitting and partitioning."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import data as D
+from common import synthetic
+from common.config import compose
+from common.errors import FedshopError
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def rows(n: int = 40) -> list[dict[str, object]]:
+    labels = ["exact", "substitute", "complement", "irrelevant"]
+    return [{"search_term": f"query {i // 4}", "title": f"product {i}", "grade": labels[i % 4],
+             "shop": f"shop_{i % 2}", "qid": f"q{i // 4}"} for i in range(n)]
+
+
+def csv_cfg(path: Path, *extra: str):
+    return compose(["data=csv", f"data.path={path}", "data.columns.text=search_term", "data.columns.text_pair=title",
+                    "data.columns.label=grade", "data.columns.merchant=shop", "data.columns.query_id=qid",
+                    "simulation.num_merchants=2", "data.test_fraction=0.25", *extra])
+
+
+def test_synthetic_is_deterministic_and_long_tailed():
+    a = synthetic.generate_relevance(8, 200, seed=3)
+    b = synthetic.generate_relevance(8, 200, seed=3)
+    c = synthetic.generate_relevance(8, 200, seed=4)
+    assert a == b
+    assert a != c
+    sizes = collections.Counter(r["merchant"] for r in a)
+    assert len(sizes) == 8
+    assert max(sizes.values()) >= 3 * min(sizes.values())
+    labels = collections.Counter(r["esci_label"] for r in a)
+    assert set(labels) == set(synthetic.ESCI_LABELS)
+
+
+def test_merchants_differ_in_category_mix():
+    rows_ = synthetic.generate_relevance(6, 400, seed=0)
+    mixes = []
+    for m in sorted({r["merchant"] for r in rows_}):
+        cats = collections.Counter(r["category"] for r in rows_ if r["merchant"] == m)
+        total = sum(cats.values())
+        mixes.append(np.array([cats[c] / total for c in synthetic.CATEGORIES]))
+    # total variation distance between merchants' category mixes: clearly non-IID
+    tvd = [0.5 * np.abs(a - b).sum() for i, a in enumerate(mixes) for b in mixes[i + 1:]]
+    assert np.mean(tvd) > 0.4
+
+
+def test_csv_with_custom_columns_loads(tmp_path):
+    cfg = csv_cfg(write_csv(tmp_path / "shop.csv", rows()))
+    fd = D.prepare(cfg)
+    assert fd.labels == ["complement", "exact", "irrelevant", "substitute"]  # read from the data, sorted
+    assert fd.names == ["shop_0", "shop_1"]
+    assert sum(len(t) + len(v) for t, v in zip(fd.train, fd.val, strict=True)) + len(fd.test) == 40
+    assert set(fd.train[0]["merchant"]) == {"shop_0"}
+    test_q = set(fd.test["query_id"])
+    assert not test_q & {q for t in fd.train for q in t["query_id"]}  # query groups never straddle splits
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_load(tmp_path, fmt):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / f"shop.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows()), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows()), path)
+    assert len(D.prepare(csv_cfg(path)).names) == 2
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FedshopError, match=r"data file .*nope.csv: not found \(data.path\)"):
+        D.prepare(csv_cfg(tmp_path / "nope.csv"))
+
+
+def test_missing_column_names_column_and_field(tmp_path):
+    r = [{k: v for k, v in row.items() if k != "title"} for row in rows()]
+    with pytest.raises(FedshopError, match=r"shop.csv: missing column 'title' \(data.columns.text_pair\); columns "
+                                           r"found: search_term, grade, shop, qid"):
+        D.prepare(csv_cfg(write_csv(tmp_path / "shop.csv", r)))
+
+
+def test_unknown_label_names_row_and_value(tmp_path):
+    r = rows()
+    r[6]["grade"] = "excellent"
+    with pytest.raises(FedshopError, match=r"shop.csv row 7: column 'grade' has unknown label 'excellent'"):
+        D.prepare(csv_cfg(write_csv(tmp_path / "shop.csv", r), "data.labels=[exact,substitute,complement,irrelevant]"))
+
+
+def test_missing_label_names_row(tmp_path):
+    r = rows()
+    r[3]["grade"] = ""
+    with pytest.raises(FedshopError, match=r"shop.csv row 4: column 'grade' \(data.columns.label\) has no label"):
+        D.prepare(csv_cfg(write_csv(tmp_path / "shop.csv", r)))
+
+
+def test_empty_text_names_row(tmp_path):
+    r = rows()
+    r[10]["search_term"] = "  "
+    with pytest.raises(FedshopError, match=r"row 11: column 'search_term' \(data.columns.text\) is empty"):
+        D.prepare(csv_cfg(write_csv(tmp_path / "shop.csv", r)))
+
+
+def test_non_utf8_names_line(tmp_path):
+    path = write_csv(tmp_path / "shop.csv", rows())
+    lines = path.read_bytes().split(b"\n")
+    lines[5] = lines[5].replace(b"query", b"qu\xe9ry")  # latin-1 é
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(FedshopError, match=r"shop.csv line 6: text is not valid UTF-8 \(byte 0xe9"):
+        D.prepare(csv_cfg(path))
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "shop.jsonl"
+    path.write_text("")
+    with pytest.raises(FedshopError, match=r"shop.jsonl"):
+        D.prepare(csv_cfg(path))
+
+
+def test_unknown_extension(tmp_path):
+    path = tmp_path / "shop.txt"
+    path.write_text("a,b\n")
+    with pytest.raises(FedshopError, match=r"cannot tell the format from '.txt'"):
+        D.prepare(csv_cfg(path))
+
+
+def test_empty_shard_names_merchant(tmp_path):
+    r = rows()
+    r.append({"search_term": "lonely", "title": "t", "grade": "exact", "shop": "shop_tiny", "qid": "q_lonely_test"})
+    cfg = csv_cfg(write_csv(tmp_path / "shop.csv", r), "simulation.num_merchants=3", "data.val_fraction=0.99")
+    with pytest.raises(FedshopError, match=r"merchant 'shop_\w+' has an empty shard"):
+        D.prepare(cfg)
+
+
+def test_merchant_count_mismatch(tmp_path):
+    cfg = csv_cfg(write_csv(tmp_path / "shop.csv", rows()), "simulation.num_merchants=5")
+    with pytest.raises(FedshopError, match=r"found 2 merchants in column 'shop' but simulation.num_merchants=5"):
+        D.prepare(cfg)
+
+
+def test_long_text_truncated_with_warning(tmp_path, caplog):
+    r = rows()
+    r[2]["title"] = "x" * 5000
+    cfg = csv_cfg(write_csv(tmp_path / "shop.csv", r), "data.max_text_chars=100")
+    with caplog.at_level(logging.WARNING):
+        fd = D.prepare(cfg)
+    assert "1 texts in column 'title' were longer than data.max_text_chars=100" in caplog.text
+    assert "first at row 3" in caplog.text
+    all_pairs = [t for ds in [fd.test, *fd.train, *fd.val] for t in ds["text_pair"]]
+    assert max(len(t) for t in all_pairs) == 100
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(FedshopError, match=r"config strategy.num_rounds=0: expected > 0"):
+        compose(["strategy.num_rounds=0"])
+    with pytest.raises(FedshopError, match=r"config: ValidationError"):
+        compose(["train.lr=fast"])
+
+
+def test_partitioning_is_deterministic_and_complete():
+    cfg = compose(["simulation.num_merchants=5"])
+    a = D._build(cfg)
+    b = D._build(cfg)
+    assert [t["text_pair"] for t in a.train] == [t["text_pair"] for t in b.train]
+    total = sum(len(t) + len(v) for t, v in zip(a.train, a.val, strict=True)) + len(a.test)
+    assert total == len(synthetic.generate_relevance(5, 300, seed=cfg.seed))
+    assert len(set(a.test["query_id"]) & {q for t in a.train for q in t["query_id"]}) == 0
+
+
+@pytest.mark.parametrize("alpha,min_tvd", [(0.1, 0.3)])
+def test_dirichlet_partition_is_label_skewed(alpha, min_tvd):
+    cfg = compose(["partition=dirichlet", f"partition.alpha={alpha}", "simulation.num_merchants=4",
+                   "partition.min_partition_size=5"])
+    fd = D.prepare(cfg)
+    assert len(fd.train) == 4
+    dists = []
+    for t, v in zip(fd.train, fd.val, strict=True):
+        counts = np.bincount(list(t["label"]) + list(v["label"]), minlength=4)
+        dists.append(counts / counts.sum())
+    tvd = [0.5 * np.abs(a - b).sum() for i, a in enumerate(dists) for b in dists[i + 1:]]
+    assert np.mean(tvd) > min_tvd
+    assert D.prepare(cfg).train[0]["text"] == fd.train[0]["text"]
+
+
+def test_iid_partition_has_equal_sizes():
+    fd = D.prepare(compose(["partition=iid", "simulation.num_merchants=4"]))
+    sizes = [len(t) + len(v) for t, v in zip(fd.train, fd.val, strict=True)]
+    assert max(sizes) - min(sizes) <= 1

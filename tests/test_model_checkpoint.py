@@ -1,0 +1,85 @@
+"""Weights (de)serialisation, Flower ArrayRecord round trip, atomic checkpoints and their refusal rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.client_app import from_arrays, to_arrays
+from common import checkpoint as C
+from common import model as M
+from common.config import compose, to_json
+from common.errors import FedshopError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = compose(["model=tiny"])
+    return cfg, M.build_model(cfg.model, ["a", "b", "c"], seed=1)
+
+
+def test_weights_round_trip_through_arrayrecord(tiny):
+    cfg, model = tiny
+    weights = M.get_weights(model)
+    back = from_arrays(to_arrays(weights))
+    assert list(back) == list(weights)
+    for k in weights:
+        np.testing.assert_array_equal(back[k], weights[k])
+    other = M.build_model(cfg.model, ["a", "b", "c"], seed=2)
+    assert not np.array_equal(M.get_weights(other)["classifier.weight"], weights["classifier.weight"])
+    M.set_weights(other, back)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k])
+
+
+def test_set_weights_rejects_wrong_shapes(tiny):
+    _, model = tiny
+    weights = M.get_weights(model)
+    weights["classifier.weight"] = np.zeros((7, 7), dtype=np.float32)
+    with pytest.raises(FedshopError, match="classifier.weight has shape"):
+        M.set_weights(model, weights)
+
+
+def test_same_seed_same_init():
+    cfg = compose(["model=tiny"])
+    a = M.get_weights(M.build_model(cfg.model, ["x", "y"], seed=5))
+    b = M.get_weights(M.build_model(cfg.model, ["x", "y"], seed=5))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_round_trip_and_rng(tmp_path, tiny):
+    cfg, model = tiny
+    weights = M.get_weights(model)
+    cj = to_json(cfg)
+    torch.manual_seed(123)
+    C.save(tmp_path / "round_3.pt", server_round=3, weights=weights, config_json=cj,
+           strategy_state={"m_t": {"w": torch.ones(2)}}, history=[{"round": 3}])
+    expected_next = torch.rand(3)
+    torch.manual_seed(999)
+    payload = C.load(tmp_path / "round_3.pt", cj)
+    assert payload["round"] == 3 and payload["history"] == [{"round": 3}]
+    assert all(np.array_equal(payload["weights"][k], weights[k]) for k in weights)
+    C.set_rng_state(payload["rng"])
+    assert torch.equal(torch.rand(3), expected_next)
+    assert C.latest(tmp_path) == tmp_path / "round_3.pt"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_refuses_other_config_and_corruption(tmp_path, tiny):
+    cfg, model = tiny
+    path = tmp_path / "round_1.pt"
+    C.save(path, server_round=1, weights=M.get_weights(model), config_json=to_json(cfg), strategy_state={},
+           history=[])
+    other = compose(["model=tiny", "train.lr=0.5"])
+    with pytest.raises(FedshopError, match="written for a different config"):
+        C.load(path, to_json(other))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(FedshopError, match="corrupt or unreadable"):
+        C.load(path, to_json(cfg))
+
+
+def test_latest_orders_rounds_numerically(tmp_path):
+    for r in (2, 10, 9):
+        (tmp_path / f"round_{r}.pt").write_bytes(b"x")
+    assert C.latest(tmp_path).name == "round_10.pt"

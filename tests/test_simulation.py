@@ -1,0 +1,132 @@
+"""End to end through the real launcher: Flower simulations, baselines, overrides, sweeps, bring-your-own data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY, TINY_REVIEWS, run_cli
+from tests.test_data import rows, write_csv
+
+
+def only_run_dir(root: Path) -> Path:
+    found = [p.parent for p in root.glob("outputs/*/*/results.json")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def fed_run(tmp_path_factory) -> tuple[Path, str]:
+    """One 2-round federated simulation of 3 tiny-model merchants on the review data."""
+    cwd = tmp_path_factory.mktemp("fed")
+    proc = run_cli("simulation", [*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run_dir(cwd), proc.stdout + proc.stderr
+
+
+def test_federated_simulation_learns_and_writes_run_directory(fed_run):
+    run_dir, output = fed_run
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    from common import data as D
+    from common.config import compose
+
+    fd = D.prepare(compose([*TINY_REVIEWS, "simulation.num_merchants=3"]))
+    majority = np.bincount(fd.test["label"]).max() / len(fd.test)
+    assert results["final"]["accuracy"] > majority + 0.05, (results["final"], majority)
+    for r in rounds[1:]:
+        assert len(r["sampled"]) == 3 and len(r["replied"]) == 3 and r["dropped"] == []
+        assert sorted(x["merchant"] for x in r["replied"]) == fd.names
+        assert {x["num_examples"] for x in r["replied"]} == {len(t) for t in fd.train}
+        assert all(x["bytes_up"] > 100_000 and x["bytes_down"] == x["bytes_up"] for x in r["replied"])
+        assert {"loss", "accuracy", "macro_f1"} <= set(r["evaluate"])
+        assert r["seconds"] > 0
+    # one concise line per round on the console
+    assert sum("| acc " in line for line in output.splitlines()) == 3
+    for name in ("checkpoints/round_0.pt", "checkpoints/round_2.pt", "metrics.png", "model/config.json",
+                 "model/fedshop_labels.json", ".hydra/config.yaml", "resolved_config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "flwr").is_dir()
+
+
+def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from common import checkpoint as C
+    from common import data as D
+    from common import model as M
+    from common import train as T
+    from common.config import compose
+
+    run_dir, _ = fed_run
+    cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2"])
+    fd = D.prepare(cfg)
+    in_memory = M.build_model(cfg.model, fd.labels, cfg.seed)
+    M.set_weights(in_memory, C.load(run_dir / "checkpoints" / "round_2.pt")["weights"])
+    reloaded = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    assert reloaded.config.id2label == dict(enumerate(fd.labels))
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    test = M.tokenize(fd.test, tokenizer, cfg.train.max_length)
+    p1, _ = T.predict(in_memory, test, tokenizer, cfg.train)
+    p2, _ = T.predict(reloaded, test, tokenizer, cfg.train)
+    np.testing.assert_allclose(p1, p2, atol=1e-6)
+    assert (p1.argmax(1) == p2.argmax(1)).all()
+    with torch.no_grad():
+        enc = tokenizer(["This sofa broke on the first day."], return_tensors="pt")
+        assert reloaded(**enc).logits.shape == (1, len(fd.labels))
+
+
+def test_centralized_and_alone_baselines(tmp_path):
+    common_args = [*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=1"]
+    for mode in ("centralized", "alone"):
+        cwd = tmp_path / mode
+        cwd.mkdir()
+        proc = run_cli("simulation", [*common_args, f"mode={mode}"], cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads((only_run_dir(cwd) / "results.json").read_text())
+        assert results["mode"] == mode and results["status"] == "completed"
+        assert 0.0 <= results["final"]["accuracy"] <= 1.0
+        if mode == "alone":
+            assert sorted(results["per_merchant"]) == ["merchant_00", "merchant_01", "merchant_02"]
+
+
+def test_multirun_sweep_writes_summary(tmp_path):
+    proc = run_cli("simulation", ["-m", *TINY_REVIEWS, "simulation.num_merchants=2", "strategy.num_rounds=1,2",
+                                  "strategy.min_available_nodes=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep_dirs = list(tmp_path.glob("multirun/*/*"))
+    assert len(sweep_dirs) == 1
+    summary = (sweep_dirs[0] / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("job,overrides,status,accuracy,macro_f1")
+    assert len(summary) == 3
+    assert "strategy.num_rounds=1" in summary[1] and "strategy.num_rounds=2" in summary[2]
+    assert "| job |" in (sweep_dirs[0] / "summary.md").read_text()
+    for job in ("0", "1"):
+        assert (sweep_dirs[0] / job / "results.json").is_file()
+
+
+def test_bring_your_own_csv_with_custom_columns(tmp_path):
+    path = write_csv(tmp_path / "my shop data.csv", rows(120))
+    args = [*TINY, "data=csv", f"data.path='{path}'", "data.columns.text=search_term", "data.columns.text_pair=title",
+            "data.columns.label=grade", "data.columns.merchant=shop", "data.columns.query_id=qid",
+            "simulation.num_merchants=2", "strategy.num_rounds=1"]
+    proc = run_cli("simulation", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
+    assert results["merchants"] == ["shop_0", "shop_1"]
+    assert results["labels"] == ["complement", "exact", "irrelevant", "substitute"]
+    assert "ndcg@10" in results["final"]
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path):
+    proc = run_cli("simulation", [*TINY, "data=csv", f"data.path={tmp_path}/missing.csv"], tmp_path)
+    assert proc.returncode == 2
+    assert f"fedshop: error: data file {tmp_path}/missing.csv: not found (data.path)" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,86 @@
+"""Server aggregation: weighted FedAvg equals Σ n_k/N θ_k; malformed replies are rejected, not aggregated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from common.config import compose
+from server.strategy import RecordingStrategy, build_strategy
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages need a task identity, as inside a running ServerApp."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+def reply(node: int, arrays: dict[str, np.ndarray], metrics: dict[str, float | int]) -> Message:
+    ask = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord(metrics)})
+    msg = Message(content=content, reply_to=ask)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def make_strategy(name: str = "fedavg") -> RecordingStrategy:
+    strategy = RecordingStrategy(build_strategy(compose([f"strategy={name}"]).strategy))
+    strategy.new_round()
+    strategy._expected = {"w": ((2, 2), "float32"), "b": ((3,), "float32")}
+    return strategy
+
+
+THETA = [
+    ({"w": np.array([[1, 2], [3, 4]], np.float32), "b": np.array([1, 1, 1], np.float32)}, 10),
+    ({"w": np.array([[0, 0], [0, 8]], np.float32), "b": np.array([-2, 0, 4], np.float32)}, 30),
+    ({"w": np.array([[5, 5], [5, 5]], np.float32), "b": np.array([0, 3, 0], np.float32)}, 60),
+]
+
+
+def test_weighted_average_matches_formula():
+    strategy = make_strategy()
+    replies = [reply(i + 1, theta, {"num-examples": n, "train-loss": float(i)}) for i, (theta, n) in enumerate(THETA)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    total = sum(n for _, n in THETA)
+    for key in ("w", "b"):
+        expected = sum(theta[key] * (n / total) for theta, n in THETA)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
+    assert metrics["train-loss"] == pytest.approx((0 * 10 + 1 * 30 + 2 * 60) / 100)
+    assert [r["num_examples"] for r in strategy.record["replied"]] == [10, 30, 60]
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ({"w": np.array([[np.nan, 0], [0, 0]], np.float32), "b": np.zeros(3, np.float32)}, "NaN or Inf"),
+    ({"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}, "shape"),
+    ({"w": np.zeros((2, 2), np.float64), "b": np.zeros(3, np.float32)}, "dtype"),
+])
+def test_malformed_update_is_rejected(bad, reason):
+    strategy = make_strategy()
+    replies = [reply(1, THETA[0][0], {"num-examples": 10}), reply(2, bad, {"num-examples": 1000})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays["w"].numpy(), THETA[0][0]["w"])
+    assert strategy.record["dropped"][0]["node"] == 2
+    assert reason in strategy.record["dropped"][0]["reason"]
+
+
+def test_missing_num_examples_is_rejected():
+    strategy = make_strategy()
+    replies = [reply(1, THETA[0][0], {"num-examples": 10}), reply(2, THETA[1][0], {"train-loss": 0.1})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays["b"].numpy(), THETA[0][0]["b"])
+    assert "num-examples" in strategy.record["dropped"][0]["reason"]
+
+
+def test_strategy_presets_are_flowers():
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    assert type(build_strategy(compose([]).strategy)) is FedAvg
+    prox = build_strategy(compose(["strategy=fedprox"]).strategy)
+    assert isinstance(prox, FedProx) and prox.proximal_mu == pytest.approx(0.01)
+    adam = build_strategy(compose(["strategy=fedadam"]).strategy)
+    assert isinstance(adam, FedAdam) and adam.eta == pytest.approx(1e-3)
