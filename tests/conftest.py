@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 set_offline()
 
 # Fast settings for the tiny random-init model on the built-in review data (learnable in seconds).
-TINY = ["model=tiny", "train.progress=false", "train.lr=1e-3", "train.warmup_ratio=0.0", "train.local_epochs=1"]
-TINY_REVIEWS = [*TINY, "data=synthetic_reviews", "data.synthetic.num_reviews=900"]
+TINY = ["model=tiny", "train.progress=false", "train.lr=1e-3", "train.warmup_ratio=0.0", "train.local_epochs=2"]
+TINY_REVIEWS = [*TINY, "data=synthetic_reviews", "data.synthetic.num_reviews=1200"]
 
 
 def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
