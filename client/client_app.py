@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Merchant:
-    """What a merchant keeps between messages: its tokenised shard and a model skeleton."""
+    """What a merchant keeps between messages: its tokenised shard (the model skeleton is shared)."""
 
     index: int
     name: str
@@ -33,31 +34,43 @@ class Merchant:
     gains: list[float] | None
 
 
-_MERCHANTS: dict[tuple[str, str], Merchant] = {}
+# One model skeleton per process (weights are overwritten by every message) and the tokenised shards of
+# the most recent merchants this process served (a simulation actor serves many virtual merchants).
+_MODELS: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+_SHARDS: OrderedDict[tuple[str, str], tuple[int, str, datasets.Dataset, datasets.Dataset, list[str]]] = OrderedDict()
+MAX_CACHED_SHARDS = 64
 
 
 def load_merchant(cfg: FedshopConfig, node_config: dict[str, Any]) -> Merchant:
     """This node's shard (a local file in deployment, a partition in simulation), tokenised and cached."""
-    key = (to_json(cfg), repr(sorted(node_config.items())))
-    if key in _MERCHANTS:
-        return _MERCHANTS[key]
-    if node_config.get("shard"):
-        train, val, labels = D.load_shard(str(node_config["shard"]), cfg)
-        index = int(node_config.get("merchant-index", 0))
-        name = str(node_config.get("merchant-name", f"merchant_{index:02d}"))
-    else:
-        fd = D.prepare(cfg)
-        index = int(node_config["partition-id"])
-        train, val, labels, name = fd.train[index], fd.val[index], fd.labels, fd.names[index]
-    T.configure_threads(cfg.train)
-    tokenizer = M.load_tokenizer(cfg.model)
-    merchant = Merchant(
-        index=index, name=name, model=M.build_model(cfg.model, labels, cfg.seed), tokenizer=tokenizer,
-        train=M.tokenize(train, tokenizer, cfg.train.max_length),
-        val=M.tokenize(val, tokenizer, cfg.train.max_length), gains=D.label_gains(cfg.data, labels))
-    _MERCHANTS.clear()
-    _MERCHANTS[key] = merchant
-    return merchant
+    cfg_key = to_json(cfg)
+    key = (cfg_key, repr(sorted(node_config.items())))
+    if key in _SHARDS:
+        _SHARDS.move_to_end(key)
+    if cfg_key not in _MODELS:
+        _MODELS.clear()
+        T.configure_threads(cfg.train)
+        _SHARDS.clear()
+    if key not in _SHARDS:
+        if node_config.get("shard"):
+            train, val, labels = D.load_shard(str(node_config["shard"]), cfg)
+            index = int(node_config.get("merchant-index", 0))
+            name = str(node_config.get("merchant-name", f"merchant_{index:02d}"))
+        else:
+            fd = D.prepare(cfg)
+            index = int(node_config["partition-id"])
+            train, val, labels, name = fd.train[index], fd.val[index], fd.labels, fd.names[index]
+        if cfg_key not in _MODELS:
+            _MODELS[cfg_key] = (M.build_model(cfg.model, labels, cfg.seed), M.load_tokenizer(cfg.model))
+        tokenizer = _MODELS[cfg_key][1]
+        _SHARDS[key] = (index, name, M.tokenize(train, tokenizer, cfg.train.max_length),
+                        M.tokenize(val, tokenizer, cfg.train.max_length), labels)
+        while len(_SHARDS) > MAX_CACHED_SHARDS:
+            _SHARDS.popitem(last=False)
+    index, name, train_tok, val_tok, labels = _SHARDS[key]
+    model, tokenizer = _MODELS[cfg_key]
+    return Merchant(index=index, name=name, model=model, tokenizer=tokenizer, train=train_tok, val=val_tok,
+                    gains=D.label_gains(cfg.data, labels))
 
 
 def to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
@@ -96,6 +109,14 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
         cfg, merchant, _ = setup(msg, context)
         metrics = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
         reply = RecordDict({"metrics": MetricRecord({**metrics, "merchant-index": merchant.index})})
+        return Message(content=reply, reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        cfg = fixed_cfg or from_run_config(dict(context.run_config))
+        merchant = load_merchant(cfg, dict(context.node_config))
+        reply = RecordDict({"metrics": MetricRecord({"merchant-index": merchant.index,
+                                                     "num-examples": len(merchant.train)})})
         return Message(content=reply, reply_to=msg)
 
     return app

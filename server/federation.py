@@ -22,6 +22,7 @@ from common import model as M
 from common import train as T
 from common.config import FedshopConfig, to_json
 from common.results import RunLog
+from server.grid import MerchantGrid
 from server.strategy import RecordingStrategy, build_strategy
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     test = M.tokenize(fd.test, tokenizer, cfg.train.max_length)
     gains = D.label_gains(cfg.data, fd.labels)
     strategy = RecordingStrategy(build_strategy(cfg.strategy))
+    grid = MerchantGrid(grid, cfg.strategy.round_timeout)
     ckpt_dir = run_dir / "checkpoints"
     meta = {"mode": "federated", "strategy": cfg.strategy.name, "num_merchants": cfg.simulation.num_merchants,
             "merchants": fd.names, "labels": fd.labels, "test_examples": len(fd.test),
@@ -83,10 +85,14 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
         eval_metrics = strategy.aggregate_evaluate(rnd, replies)
         weights = from_arrays(arrays)
         rec = strategy.record
-        for entry in rec["replied"] + rec["evaluated"]:
-            idx = entry.get("merchant_index", entry.get("merchant-index"))
-            if isinstance(idx, int | float) and 0 <= int(idx) < len(fd.names):
-                entry["merchant"] = fd.names[int(idx)]
+
+        def merchant(node: int) -> str:
+            idx = grid.index.get(node)
+            return fd.names[idx] if idx is not None and 0 <= idx < len(fd.names) else f"node {node}"
+
+        rec["sampled"] = [{"node": n, "merchant": merchant(n)} for n in rec["sampled"]]
+        for entry in rec["replied"] + rec["evaluated"] + rec["dropped"]:
+            entry["merchant"] = merchant(entry["node"])
         record = {"round": rnd, "server": server_eval(weights), "train": dict(train_metrics or {}),
                   "evaluate": dict(eval_metrics or {}), "sampled": rec["sampled"], "replied": rec["replied"],
                   "dropped": rec["dropped"], "evaluated": rec["evaluated"],

@@ -1,0 +1,80 @@
+"""Framework overhead: a simulated Flower round vs the same work done directly, measured in one run.
+
+The direct loop does per round exactly what the simulation does (each sampled merchant trains its
+shard from the global weights, example-weighted averaging, merchants evaluate on their validation
+split, the server evaluates on the test split), in one process without Flower. Round 1 of each is
+left out (Ray start, data loading, tokenisation). Usage: python bench/overhead.py [--model tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from _util import run_simulation, table, write
+
+from common import data as D
+from common import model as M
+from common import train as T
+from common.config import compose
+
+
+def direct_rounds(overrides: list[str]) -> list[float]:
+    """Seconds per round of the federated computation without Flower."""
+    cfg = compose(overrides)
+    T.configure_threads(cfg.train)
+    fd = D.prepare(cfg)
+    tok = M.load_tokenizer(cfg.model)
+    model = M.build_model(cfg.model, fd.labels, cfg.seed)
+    gains = D.label_gains(cfg.data, fd.labels)
+    trains = [M.tokenize(t, tok, cfg.train.max_length) for t in fd.train]
+    vals = [M.tokenize(v, tok, cfg.train.max_length) for v in fd.val]
+    test = M.tokenize(fd.test, tok, cfg.train.max_length)
+    weights = M.get_weights(model)
+    T.evaluate(model, test, tok, cfg.train, gains)
+    seconds = []
+    for rnd in range(1, cfg.strategy.num_rounds + 1):
+        t0 = time.perf_counter()
+        updates = []
+        for k, train in enumerate(trains):
+            M.set_weights(model, weights)
+            T.train(model, train, tok, cfg.train, cfg.train.local_epochs, cfg.seed * 1_000_003 + rnd * 1009 + k)
+            updates.append((M.get_weights(model), len(train)))
+        total = sum(n for _, n in updates)
+        weights = {key: np.sum([w[key] * (n / total) for w, n in updates], axis=0) for key in weights}
+        M.set_weights(model, weights)
+        for val in vals:
+            T.evaluate(model, val, tok, cfg.train, gains)
+        T.evaluate(model, test, tok, cfg.train, gains)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def main() -> None:
+    """Measure both side by side and print the ratio."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--merchants", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
+    a = ap.parse_args()
+    overrides = [f"model={a.model}", f"simulation.num_merchants={a.merchants}", f"strategy.num_rounds={a.rounds}",
+                 "train.progress=false", "train.local_epochs=1"]
+    sim = run_simulation(overrides)
+    sim_rounds = [r["seconds"] for r in sim["results"]["rounds"] if r["round"] >= 1]
+    direct = direct_rounds(overrides)
+    rows = [{"setting": "Flower simulation", "round_s_median": statistics.median(sim_rounds[1:]),
+             "first_round_s": sim_rounds[0]},
+            {"setting": "direct (no Flower)", "round_s_median": statistics.median(direct[1:]),
+             "first_round_s": direct[0]}]
+    ratio = rows[0]["round_s_median"] / rows[1]["round_s_median"]
+    print(table(rows, ["setting", "round_s_median", "first_round_s"]))
+    print(f"simulated / direct round time: {ratio:.3f}x (target <= 1.15x)")
+    print("written:", write(f"overhead_{a.model}", {"overrides": overrides, "simulation_rounds_s": sim_rounds,
+                                                     "direct_rounds_s": direct, "ratio": ratio,
+                                                     "simulation_wall_s": sim["wall_seconds"]}))
+
+
+if __name__ == "__main__":
+    main()

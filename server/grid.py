@@ -1,0 +1,73 @@
+"""A Grid that knows which merchant each node is, so that sampling and results are reproducible.
+
+Flower gives nodes random ids, so `random.sample(grid.get_node_ids(), k)` picks different merchants
+on every run even with the same seed. This wrapper asks every new node once for its merchant index
+(a `query` message) and lists nodes in merchant order: the same seed then samples the same merchants.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+log = logging.getLogger(__name__)
+QUERY = "query"
+
+
+class MerchantGrid(Grid):
+    """Delegates to a Flower Grid; get_node_ids() is ordered by merchant index."""
+
+    def __init__(self, inner: Grid, timeout: float) -> None:
+        self.inner = inner
+        self.timeout = timeout
+        self.index: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+
+    def set_run(self, run: Run) -> None:
+        """Delegate."""
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """Delegate."""
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        """Delegate."""
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegate."""
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegate."""
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Delegate."""
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+    def identify(self, node_ids: list[int]) -> None:
+        """Ask nodes not seen before for their merchant index; nodes that do not answer stay unknown."""
+        unknown = [n for n in node_ids if n not in self.index]
+        if not unknown:
+            return
+        asks = [Message(content=RecordDict(), message_type=QUERY, dst_node_id=n) for n in unknown]
+        for reply in self.inner.send_and_receive(asks, timeout=self.timeout):
+            if reply.has_error():
+                log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            metrics = next(iter(reply.content.metric_records.values()))
+            self.index[reply.metadata.src_node_id] = int(metrics["merchant-index"])  # type: ignore[arg-type]
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Connected node ids, in merchant order (unidentified nodes last, by id)."""
+        ids = list(self.inner.get_node_ids())
+        self.identify(ids)
+        return sorted(ids, key=lambda n: (self.index.get(n, 1 << 62), n))
