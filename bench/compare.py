@@ -7,6 +7,7 @@ Usage: python bench/compare.py [--merchants 10] [--model minilm] [extra Hydra ov
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from _util import run_simulation, table, write
 
@@ -23,11 +24,13 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     base = [f"model={a.model}", f"simulation.num_merchants={a.merchants}", "train.progress=false", *a.overrides]
-    rows = []
+    rows: list[dict[str, Any]] = []
     cfg = compose(base)
     fd = D.prepare(cfg)
     kw = KeywordBaseline(len(fd.labels)).fit(fd.pooled_train)
-    rows.append({"setting": "keyword TF-IDF", **kw.evaluate(fd.test, D.label_gains(cfg.data, fd.labels)),
+    gains = D.label_gains(cfg.data, fd.labels)
+    assert gains is not None, "the comparison needs a relevance task"
+    rows.append({"setting": "keyword TF-IDF", **kw.evaluate(fd.test, gains),
                  "seconds": 0.0})
     for mode in ("federated", "centralized", "alone"):
         out = run_simulation([*base, f"mode={mode}"])

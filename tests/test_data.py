@@ -53,7 +53,7 @@ def test_synthetic_is_deterministic_and_long_tailed():
 def test_merchants_differ_in_category_mix():
     rows_ = synthetic.generate_relevance(6, 400, seed=0)
     mixes = []
-    for m in sorted({r["merchant"] for r in rows_}):
+    for m in sorted({str(r["merchant"]) for r in rows_}):
         cats = collections.Counter(r["category"] for r in rows_ if r["merchant"] == m)
         total = sum(cats.values())
         mixes.append(np.array([cats[c] / total for c in synthetic.CATEGORIES]))

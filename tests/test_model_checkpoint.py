@@ -82,4 +82,4 @@ def test_checkpoint_refuses_other_config_and_corruption(tmp_path, tiny):
 def test_latest_orders_rounds_numerically(tmp_path):
     for r in (2, 10, 9):
         (tmp_path / f"round_{r}.pt").write_bytes(b"x")
-    assert C.latest(tmp_path).name == "round_10.pt"
+    assert C.latest(tmp_path) == tmp_path / "round_10.pt"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -19,7 +21,7 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
 
 
-def reply(node: int, arrays: dict[str, np.ndarray], metrics: dict[str, float | int]) -> Message:
+def reply(node: int, arrays: dict[str, np.ndarray], metrics: dict[str, Any]) -> Message:
     ask = Message(content=RecordDict(), dst_node_id=node, message_type="train")
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord(metrics)})
@@ -46,6 +48,7 @@ def test_weighted_average_matches_formula():
     strategy = make_strategy()
     replies = [reply(i + 1, theta, {"num-examples": n, "train-loss": float(i)}) for i, (theta, n) in enumerate(THETA)]
     arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
     total = sum(n for _, n in THETA)
     for key in ("w", "b"):
         expected = sum(theta[key] * (n / total) for theta, n in THETA)
@@ -63,6 +66,7 @@ def test_malformed_update_is_rejected(bad, reason):
     strategy = make_strategy()
     replies = [reply(1, THETA[0][0], {"num-examples": 10}), reply(2, bad, {"num-examples": 1000})]
     arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
     np.testing.assert_array_equal(arrays["w"].numpy(), THETA[0][0]["w"])
     assert strategy.record["dropped"][0]["node"] == 2
     assert reason in strategy.record["dropped"][0]["reason"]
@@ -72,6 +76,7 @@ def test_missing_num_examples_is_rejected():
     strategy = make_strategy()
     replies = [reply(1, THETA[0][0], {"num-examples": 10}), reply(2, THETA[1][0], {"train-loss": 0.1})]
     arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
     np.testing.assert_array_equal(arrays["b"].numpy(), THETA[0][0]["b"])
     assert "num-examples" in strategy.record["dropped"][0]["reason"]
 
