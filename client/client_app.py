@@ -9,7 +9,7 @@ from typing import Any
 
 import datasets
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -53,9 +53,9 @@ def load_merchant(cfg: FedshopConfig, node_config: dict[str, Any]) -> Merchant:
         _SHARDS.clear()
     if key not in _SHARDS:
         if node_config.get("shard"):
-            train, val, labels = D.load_shard(str(node_config["shard"]), cfg)
             index = int(node_config.get("merchant-index", 0))
-            name = str(node_config.get("merchant-name", f"merchant_{index:02d}"))
+            name = str(node_config.get("merchant-name") or f"merchant_{index:02d}")
+            train, val, labels = D.load_shard(str(node_config["shard"]), cfg, name)
         else:
             fd = D.prepare(cfg)
             index = int(node_config["partition-id"])
@@ -116,7 +116,8 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
         cfg = fixed_cfg or from_run_config(dict(context.run_config))
         merchant = load_merchant(cfg, dict(context.node_config))
         reply = RecordDict({"metrics": MetricRecord({"merchant-index": merchant.index,
-                                                     "num-examples": len(merchant.train)})})
+                                                     "num-examples": len(merchant.train)}),
+                            "info": ConfigRecord({"merchant-name": merchant.name})})
         return Message(content=reply, reply_to=msg)
 
     return app

@@ -126,6 +126,27 @@ class SimulationConfig:
 
 
 @dataclass
+class DeployConfig:
+    """Server and merchant processes over gRPC (Flower SuperLink / SuperNodes)."""
+
+    host: str = MISSING
+    fleet_port: int = MISSING
+    api_port: int = MISSING
+    health_port: int = MISSING
+    insecure: bool = MISSING
+    auth: bool = MISSING
+    certs: str = MISSING
+    merchant_keys: list[str] | None = None
+    test_path: str | None = None
+    superlink: str = MISSING
+    shard: str | None = None
+    merchant_index: int = MISSING
+    merchant_name: str | None = None
+    key: str | None = None
+    node_port: int = MISSING
+
+
+@dataclass
 class FedshopConfig:
     """The whole composed configuration."""
 
@@ -137,6 +158,7 @@ class FedshopConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

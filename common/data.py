@@ -223,6 +223,15 @@ def _build(cfg: FedshopConfig) -> FederatedData:
 _CACHE: dict[str, FederatedData] = {}
 
 
+def load_test(cfg: FedshopConfig) -> tuple[datasets.Dataset, list[str]]:
+    """The server's held-out test split: deploy.test_path when set, else the configured data's test split."""
+    if cfg.deploy.test_path:
+        raw = read_file(cfg.deploy.test_path, cfg.data.format)
+        return normalize(raw, cfg.data, f"data file {Path(cfg.deploy.test_path).expanduser()}")
+    fd = prepare(cfg)
+    return fd.test, fd.labels
+
+
 def prepare(cfg: FedshopConfig) -> FederatedData:
     """Load, validate, hold out the global test split and partition into merchant shards (cached per process)."""
     key = _data_key(cfg)
@@ -232,11 +241,12 @@ def prepare(cfg: FedshopConfig) -> FederatedData:
     return _CACHE[key]
 
 
-def load_shard(path: str | Path, cfg: FedshopConfig) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
-    """A merchant's own shard file, validated and split into local (train, val)."""
-    raw = read_file(path, "auto" if cfg.data.format == "auto" else cfg.data.format)
+def load_shard(path: str | Path, cfg: FedshopConfig,
+               name: str) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """A merchant's own shard file, validated and split into local (train, val) as in simulation."""
+    raw = read_file(path, cfg.data.format)
     ds, labels = normalize(raw, cfg.data, f"data file {Path(path).expanduser()}")
-    train, val = group_split(ds, cfg.data.val_fraction, cfg.seed, "val:local")
+    train, val = group_split(ds, cfg.data.val_fraction, cfg.seed, f"val:{name}")
     if len(train) == 0:
         raise FedshopError(f"data file {path}: no training rows left after the validation split")
     return train, val, labels

@@ -33,18 +33,16 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     cfg_json = to_json(cfg)
     T.set_seed(cfg.seed)
     T.configure_threads(cfg.train)
-    fd = D.prepare(cfg)
+    test_raw, labels = D.load_test(cfg)
     tokenizer = M.load_tokenizer(cfg.model)
-    model = M.build_model(cfg.model, fd.labels, cfg.seed)
-    test = M.tokenize(fd.test, tokenizer, cfg.train.max_length)
-    gains = D.label_gains(cfg.data, fd.labels)
+    model = M.build_model(cfg.model, labels, cfg.seed)
+    test = M.tokenize(test_raw, tokenizer, cfg.train.max_length)
+    gains = D.label_gains(cfg.data, labels)
     strategy = RecordingStrategy(build_strategy(cfg.strategy))
     grid = MerchantGrid(grid, cfg.strategy.round_timeout)
     ckpt_dir = run_dir / "checkpoints"
-    meta = {"mode": "federated", "strategy": cfg.strategy.name, "num_merchants": cfg.simulation.num_merchants,
-            "merchants": fd.names, "labels": fd.labels, "test_examples": len(fd.test),
-            "train_examples": {n: len(t) for n, t in zip(fd.names, fd.train, strict=True)},
-            "title": f"fedshop {cfg.strategy.name}, {len(fd.names)} merchants, {cfg.model.name}"}
+    meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": labels, "test_examples": len(test),
+            "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}
 
     def server_eval(weights: dict[str, Any]) -> dict[str, float]:
         M.set_weights(model, weights)
@@ -87,8 +85,7 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
         rec = strategy.record
 
         def merchant(node: int) -> str:
-            idx = grid.index.get(node)
-            return fd.names[idx] if idx is not None and 0 <= idx < len(fd.names) else f"node {node}"
+            return grid.names.get(node, f"node {node}")
 
         rec["sampled"] = [{"node": n, "merchant": merchant(n)} for n in rec["sampled"]]
         for entry in rec["replied"] + rec["evaluated"] + rec["dropped"]:
@@ -99,9 +96,10 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
                   "bytes_down_total": rec["bytes_down_per_merchant"] * len(rec["sampled"]),
                   "bytes_up_total": sum(r["bytes_up"] for r in rec["replied"]), "seconds": time.time() - t0}
         runlog.add(record)
+        runlog.write(merchants=sorted(set(grid.names.values())))
         save_checkpoint(rnd, weights)
     M.set_weights(model, weights)
-    M.save_final(model, tokenizer, fd.labels, run_dir / "model")
+    M.save_final(model, tokenizer, labels, run_dir / "model")
     final = runlog.rounds[-1]["server"]
     runlog.write(status="completed", final=final)
     runlog.close()

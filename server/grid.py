@@ -63,8 +63,11 @@ class MerchantGrid(Grid):
             if reply.has_error():
                 log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
+            node = reply.metadata.src_node_id
             metrics = next(iter(reply.content.metric_records.values()))
-            self.index[reply.metadata.src_node_id] = int(metrics["merchant-index"])  # type: ignore[arg-type]
+            self.index[node] = int(metrics["merchant-index"])  # type: ignore[arg-type]
+            info = reply.content.config_records.get("info")
+            self.names[node] = str(info["merchant-name"]) if info else f"merchant_{self.index[node]:02d}"
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected node ids, in merchant order (unidentified nodes last, by id)."""

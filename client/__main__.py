@@ -1,0 +1,113 @@
+"""`python -m client deploy.shard=<file> deploy.merchant_index=<i> [overrides]`: one merchant (a SuperNode).
+
+The shard is validated here before anything connects; its path travels only in this node's config.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from common.env import set_offline
+
+set_offline()
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from common import procs  # noqa: E402
+from common.config import FedshopConfig, to_typed  # noqa: E402
+from common.errors import FedshopError  # noqa: E402
+
+log = logging.getLogger("fedshop.client")
+REFUSED = {"Failed to activate SuperNode": "the server refused this merchant: its key is not registered there",
+           "CERTIFICATE_VERIFY_FAILED": "TLS failed: the server certificate is not signed by deploy.certs/ca.crt",
+           "Ssl handshake failed": "TLS handshake with the server failed (wrong CA, or an insecure merchant "
+                                   "against a TLS server)"}
+
+
+def supernode_command(cfg: FedshopConfig, name: str) -> list[str]:
+    """flower-superlink's counterpart for this merchant, every address explicit."""
+    d = cfg.deploy
+    shard = str(Path(str(d.shard)).expanduser().resolve())
+    if '"' in shard:
+        raise FedshopError(f"deploy.shard={shard}: the path may not contain a double quote")
+    cmd = ["flower-supernode", "--superlink", d.superlink, "--grpc-rere", "--host", "127.0.0.1", "--port",
+           str(d.node_port), "--node-config", f'shard="{shard}" merchant-index={d.merchant_index} '
+           f'merchant-name="{name}"', "--max-retries", "30", "--max-wait-time", "600"]
+    if d.insecure:
+        return [*cmd, "--insecure"]
+    certs = Path(d.certs).expanduser().resolve()
+    ca = certs / "ca.crt"
+    if not ca.is_file():
+        raise FedshopError(f"deploy.certs: {ca} not found; copy the server's CA certificate there "
+                           f"(or deploy.insecure=true against an insecure server)")
+    cmd += ["--root-certificates", str(ca)]
+    if d.auth:
+        key = Path(d.key).expanduser().resolve() if d.key else certs / "merchants" / f"merchant_{d.merchant_index:02d}"
+        if not key.is_file():
+            raise FedshopError(f"deploy.key: private key {key} not found (python -m server.certs makes one per "
+                               f"merchant; the server must register its .pub)")
+        cmd += ["--auth-supernode-private-key", str(key)]
+    return cmd
+
+
+def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
+    """Validate the shard, then run the SuperNode until it exits; returns its exit status."""
+    from common import data as D
+
+    d = cfg.deploy
+    if not d.shard:
+        raise FedshopError("deploy.shard: the path of this merchant's data file is required")
+    name = d.merchant_name or f"merchant_{d.merchant_index:02d}"
+    train, val, labels = D.load_shard(d.shard, cfg, name)
+    log.info("%s: shard %s valid: %d train / %d validation examples, labels %s", name, d.shard, len(train), len(val),
+             labels)
+    if d.insecure:
+        log.warning("deploy.insecure=true: the connection to %s is not encrypted", d.superlink)
+    env = procs.flower_env(run_dir)
+    log_path = run_dir / "supernode.log"
+    node = procs.start(supernode_command(cfg, name), log_path, env)
+
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        stopped.append(signum)
+        procs.signal_group(node, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = node.wait()
+    procs.stop(node, grace=20)
+    if stopped:
+        log.info("%s: stopped by signal %d", name, stopped[0])
+        return 128 + stopped[0]
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    for marker, message in REFUSED.items():
+        if marker in text:
+            raise FedshopError(f"{name}: {message} (see {log_path})")
+    if rc != 0:
+        raise FedshopError(f"{name}: the SuperNode exited with status {rc}: {procs.tail(log_path, 3)}")
+    return 0
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg_raw: DictConfig) -> None:
+    """Hydra entry point; a user-fixable error prints one line and exits with status 2."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    try:
+        cfg = to_typed(cfg_raw)
+        set_offline(run_dir)
+        sys.exit(run_merchant(cfg, run_dir))
+    except FedshopError as exc:
+        print(f"fedshop: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
