@@ -38,7 +38,8 @@ def supernode_command(cfg: FedshopConfig, name: str) -> list[str]:
         raise FedshopError(f"deploy.shard={shard}: the path may not contain a double quote")
     cmd = ["flower-supernode", "--superlink", d.superlink, "--grpc-rere", "--host", "127.0.0.1", "--port",
            str(d.node_port), "--node-config", f'shard="{shard}" merchant-index={d.merchant_index} '
-           f'merchant-name="{name}"', "--max-retries", "30", "--max-wait-time", "600"]
+           f'merchant-name="{name}"', "--max-retries", str(d.connect_retries),
+           "--max-wait-time", str(d.connect_wait)]
     if d.insecure:
         return [*cmd, "--insecure"]
     certs = Path(d.certs).expanduser().resolve()
@@ -72,6 +73,7 @@ def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     env = procs.flower_env(run_dir)
     log_path = run_dir / "supernode.log"
     node = procs.start(supernode_command(cfg, name), log_path, env)
+    (run_dir / "supernode.pid").write_text(f"{node.pid}\n")
 
     stopped: list[int] = []
 

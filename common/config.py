@@ -108,6 +108,8 @@ class StrategyConfig:
     min_evaluate_nodes: int = MISSING
     min_available_nodes: int = MISSING
     round_timeout: float = MISSING
+    min_replies: int = MISSING
+    round_retries: int = MISSING
     proximal_mu: float | None = None
     eta: float | None = None
     eta_l: float | None = None
@@ -144,6 +146,8 @@ class DeployConfig:
     merchant_name: str | None = None
     key: str | None = None
     node_port: int = MISSING
+    connect_retries: int = MISSING
+    connect_wait: float = MISSING
 
 
 @dataclass
@@ -196,6 +200,9 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(s.num_rounds > 0, "strategy.num_rounds", s.num_rounds, "> 0")
     _check(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train", s.fraction_train, "a fraction in (0, 1]")
     _check(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction_evaluate", s.fraction_evaluate, "in [0, 1]")
+    _check(s.min_replies >= 1, "strategy.min_replies", s.min_replies, ">= 1")
+    _check(s.round_retries >= 0, "strategy.round_retries", s.round_retries, ">= 0")
+    _check(s.round_timeout > 0, "strategy.round_timeout", s.round_timeout, "> 0")
     k = cfg.simulation.num_merchants
     _check(k > 0, "simulation.num_merchants", k, "> 0")
     _check(s.min_available_nodes <= k, "strategy.min_available_nodes", s.min_available_nodes,

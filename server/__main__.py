@@ -91,6 +91,7 @@ def serve(cfg: FedshopConfig, run_dir: Path) -> int:
     env = procs.flower_env(run_dir)
     write_connection(cfg, env, tls)
     superlink = procs.start(superlink_command(cfg, tls), run_dir / "superlink.log", env)
+    (run_dir / "superlink.pid").write_text(f"{superlink.pid}\n")
     try:
         if not procs.wait_port("127.0.0.1", d.api_port, 60, superlink) or \
                 not procs.wait_port("127.0.0.1" if d.host == "0.0.0.0" else d.host, d.fleet_port, 30, superlink):

@@ -38,7 +38,7 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     model = M.build_model(cfg.model, labels, cfg.seed)
     test = M.tokenize(test_raw, tokenizer, cfg.train.max_length)
     gains = D.label_gains(cfg.data, labels)
-    strategy = RecordingStrategy(build_strategy(cfg.strategy))
+    strategy = RecordingStrategy(build_strategy(cfg.strategy), cfg.strategy.min_replies)
     grid = MerchantGrid(grid, cfg.strategy.round_timeout)
     ckpt_dir = run_dir / "checkpoints"
     meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": labels, "test_examples": len(test),
@@ -71,9 +71,17 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     timeout = cfg.strategy.round_timeout
     for rnd in range(start, cfg.strategy.num_rounds + 1):
         t0 = time.time()
-        strategy.new_round()
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
-        agg, train_metrics = strategy.aggregate_train(rnd, replies)
+        attempts = []
+        for attempt in range(cfg.strategy.round_retries + 1):
+            strategy.new_round()
+            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
+                                            timeout=timeout)
+            agg, train_metrics = strategy.aggregate_train(rnd, replies)
+            attempts.append({"replied": len(strategy.record["replied"]), "dropped": strategy.record["dropped"]})
+            if not strategy.record["too_few_replies"]:
+                break
+            if attempt < cfg.strategy.round_retries:
+                log.warning("round %d: retrying (%d/%d)", rnd, attempt + 1, cfg.strategy.round_retries)
         if agg is None:
             log.warning("round %d: no usable update arrived; the global model is unchanged", rnd)
         else:
@@ -94,7 +102,10 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
                   "evaluate": dict(eval_metrics or {}), "sampled": rec["sampled"], "replied": rec["replied"],
                   "dropped": rec["dropped"], "evaluated": rec["evaluated"],
                   "bytes_down_total": rec["bytes_down_per_merchant"] * len(rec["sampled"]),
-                  "bytes_up_total": sum(r["bytes_up"] for r in rec["replied"]), "seconds": time.time() - t0}
+                  "bytes_up_total": sum(r["bytes_up"] for r in rec["replied"]), "attempts": len(attempts),
+                  "seconds": time.time() - t0}
+        if len(attempts) > 1:
+            record["earlier_attempts"] = attempts[:-1]
         runlog.add(record)
         runlog.write(merchants=sorted(set(grid.names.values())))
         save_checkpoint(rnd, weights)

@@ -54,6 +54,11 @@ def _weight(reply: RecordDict) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
+def _merchant_index(reply: RecordDict) -> float:
+    value = next(iter(reply.metric_records.values())).get("merchant-index")
+    return float(value) if isinstance(value, int | float) else float("inf")
+
+
 def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
     """Why a training reply must not be aggregated (None when it is fine)."""
     if len(reply.array_records) != 1 or len(reply.metric_records) != 1:
@@ -77,8 +82,9 @@ def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], s
 class RecordingStrategy(Strategy):
     """Wraps a Flower strategy: rejects malformed updates and records who was sampled, replied or dropped."""
 
-    def __init__(self, inner: FedAvg) -> None:
+    def __init__(self, inner: FedAvg, min_replies: int = 1) -> None:
         self.inner = inner
+        self.min_replies = min_replies
         self.record: dict[str, Any] = {}
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
 
@@ -88,7 +94,8 @@ class RecordingStrategy(Strategy):
 
     def new_round(self) -> None:
         """Start a fresh per-round record."""
-        self.record = {"sampled": [], "replied": [], "dropped": [], "evaluated": [], "bytes_down_per_merchant": 0}
+        self.record = {"sampled": [], "replied": [], "dropped": [], "evaluated": [], "bytes_down_per_merchant": 0,
+                       "too_few_replies": False}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -125,8 +132,13 @@ class RecordingStrategy(Strategy):
         for node in self.record["sampled"]:
             if node not in answered:
                 self.record["dropped"].append({"node": node, "reason": "no reply before the round timeout"})
-        if not valid:
+        if len(valid) < self.min_replies:
+            self.record["too_few_replies"] = True
+            log.warning("round %d: %d valid replies, fewer than strategy.min_replies=%d", server_round, len(valid),
+                        self.min_replies)
             return None, None
+        # A fixed order (merchant, node) makes the floating-point sum, and so the model, reproducible.
+        valid.sort(key=lambda m: (_merchant_index(m.content), m.metadata.src_node_id))
         return self.inner.aggregate_train(server_round, valid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -1,0 +1,170 @@
+"""Real server and merchant processes over gRPC: insecure, TLS + authentication, refusals, dropouts, resume."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from tests.deploy_helpers import BASE, Deployment
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    proc = run_cli("simulation.export_shards", [str(out), *BASE], out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pki") / "certs"
+    proc = run_cli("server.certs", ["--out", str(out), "--hosts", "127.0.0.1,localhost", "--merchants", "3"],
+                   out.parent)
+    assert proc.returncode == 0, proc.stderr
+    other = out.parent / "rogue"
+    assert run_cli("server.certs", ["--out", str(other), "--skip-ca", "--merchants", "1"], out.parent).returncode == 0
+    return out
+
+
+@pytest.fixture
+def deployment(tmp_path, shards) -> Iterator[Deployment]:
+    d = Deployment(tmp_path, shards, ["deploy.insecure=true"])
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def secure(tmp_path, shards, certs) -> Iterator[Deployment]:
+    d = Deployment(tmp_path, shards, [f"deploy.certs={certs}"])
+    yield d
+    d.close()
+
+
+def assert_completed(d: Deployment, rounds: int = 2) -> dict:
+    results = d.results()
+    assert results.get("status") == "completed", d.log("server")
+    assert [r["round"] for r in results["rounds"]] == list(range(rounds + 1))
+    return results
+
+
+def test_insecure_server_and_three_merchants(deployment):
+    d = deployment
+    d.start_server()
+    for i in range(3):
+        d.start_merchant(i)
+    assert d.wait_server() == 0, d.log("server")
+    results = assert_completed(d)
+    assert results["merchants"] == ["merchant_00", "merchant_01", "merchant_02"]
+    for r in results["rounds"][1:]:
+        assert len(r["replied"]) == 3 and r["dropped"] == []
+    assert (d.run_dir / "model" / "config.json").is_file()
+    assert "round 2 |" in d.log("server")
+
+
+def test_tls_with_authentication(secure, certs):
+    d = secure
+    d.start_server()
+    for i in range(3):
+        d.start_merchant(i)
+    assert d.wait_server() == 0, d.log("server")
+    assert_completed(d)
+    assert "registered merchant key merchant_02.pub" in d.log("server")
+
+
+def test_unregistered_key_and_missing_ca_are_refused(secure, certs, tmp_path):
+    d = secure
+    d.start_server("strategy.num_rounds=1")
+    rogue = d.start_merchant(0, f"deploy.key={certs.parent / 'rogue' / 'merchants' / 'merchant_00'}")
+    assert rogue.wait(timeout=120) == 2
+    assert "the server refused this merchant: its key is not registered there" in d.log("m0")
+    no_ca = tmp_path / "no-ca"
+    (no_ca / "merchants").mkdir(parents=True)
+    shutil.copy(certs / "merchants" / "merchant_01", no_ca / "merchants" / "merchant_01")
+    blind = d.start_merchant(1, f"deploy.certs={no_ca}")
+    assert blind.wait(timeout=60) == 2
+    assert f"deploy.certs: {no_ca}/ca.crt not found" in d.log("m1")
+    insecure = d.start_merchant(2, "deploy.insecure=true", "deploy.connect_retries=2", "deploy.connect_wait=15")
+    try:
+        rc = insecure.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        rc = None
+    assert rc != 0
+    assert d.results().get("rounds", [{}])[-1].get("round", 0) == 0  # nobody got in
+
+
+def test_merchant_killed_mid_run_is_recorded_as_dropped(deployment):
+    d = deployment
+    d.start_server("strategy.num_rounds=3", "strategy.round_timeout=25", "strategy.min_replies=2")
+    for i in range(3):
+        d.start_merchant(i)
+    d.wait_round(1)
+    d.kill_merchant_hard(2)
+    assert d.wait_server() == 0, d.log("server")
+    results = assert_completed(d, rounds=3)
+    later = results["rounds"][2:]
+    dropped = [x for r in later for x in r["dropped"]]
+    assert any(x["merchant"] == "merchant_02" for x in dropped), later
+    assert all(len(r["replied"]) >= 2 for r in later)
+    assert any("timeout" in x["reason"] or "error" in x["reason"] for x in dropped)
+
+
+def test_malformed_shard_fails_fast_while_others_finish(deployment, tmp_path):
+    d = deployment
+    bad = tmp_path / "bad.csv"
+    bad.write_text("review_text,merchant\nnice,merchant_02\n")
+    d.start_server("strategy.min_available_nodes=2", "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2")
+    d.start_merchant(0)
+    d.start_merchant(1)
+    broken = d.start_merchant(2, shard=bad)
+    assert broken.wait(timeout=120) == 2
+    out = d.log("m2")
+    assert f"fedshop: error: data file {bad}: missing column 'rating_label' (data.columns.label)" in out
+    assert "Traceback" not in out
+    assert d.wait_server() == 0, d.log("server")
+    results = assert_completed(d)
+    assert results["merchants"] == ["merchant_00", "merchant_01"]
+
+
+def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shards):
+    from common import checkpoint as C
+
+    straight = Deployment(tmp_path / "straight", shards, ["deploy.insecure=true", "strategy.num_rounds=3"])
+    (tmp_path / "straight").mkdir()
+    try:
+        straight.start_server()
+        for i in range(3):
+            straight.start_merchant(i)
+        assert straight.wait_server() == 0, straight.log("server")
+    finally:
+        straight.close()
+    (tmp_path / "crash").mkdir()
+    d = Deployment(tmp_path / "crash", shards, ["deploy.insecure=true", "strategy.num_rounds=3"])
+    try:
+        d.start_server()
+        for i in range(3):
+            d.start_merchant(i)
+        d.wait_round(1)
+        d.kill_server_hard()
+        for i in range(3):  # the merchants' machines keep running; they reconnect or are restarted
+            d.kill_merchant_hard(i)
+        d.start_server()
+        for i in range(3):
+            d.start_merchant(i)
+        assert d.wait_server() == 0, d.log("server")
+        assert "resuming" in d.log("server")
+    finally:
+        d.close()
+    a = C.load(straight.run_dir / "checkpoints" / "round_3.pt")
+    b = C.load(d.run_dir / "checkpoints" / "round_3.pt")
+    for key in a["weights"]:
+        np.testing.assert_array_equal(a["weights"][key], b["weights"][key])
+    assert [r["round"] for r in b["history"]] == [0, 1, 2, 3]
