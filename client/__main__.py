@@ -36,8 +36,8 @@ def supernode_command(cfg: FedshopConfig, name: str) -> list[str]:
     shard = str(Path(str(d.shard)).expanduser().resolve())
     if '"' in shard:
         raise FedshopError(f"deploy.shard={shard}: the path may not contain a double quote")
-    cmd = ["flower-supernode", "--superlink", d.superlink, "--grpc-rere", "--host", "127.0.0.1", "--port",
-           str(d.node_port), "--node-config", f'shard="{shard}" merchant-index={d.merchant_index} '
+    cmd = [sys.executable, "-m", "client.supernode", "--superlink", d.superlink, "--grpc-rere", "--host", "127.0.0.1",
+           "--port", str(d.node_port), "--node-config", f'shard="{shard}" merchant-index={d.merchant_index} '
            f'merchant-name="{name}"', "--max-retries", str(d.connect_retries),
            "--max-wait-time", str(d.connect_wait)]
     if d.insecure:
@@ -71,6 +71,8 @@ def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     if d.insecure:
         log.warning("deploy.insecure=true: the connection to %s is not encrypted", d.superlink)
     env = procs.flower_env(run_dir)
+    env["FEDSHOP_NODE_POLL_INTERVAL"] = str(d.poll_interval)
+    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(max(0.01, d.poll_interval / 2))
     log_path = run_dir / "supernode.log"
     node = procs.start(supernode_command(cfg, name), log_path, env)
     (run_dir / "supernode.pid").write_text(f"{node.pid}\n")

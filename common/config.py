@@ -135,6 +135,7 @@ class DeployConfig:
     fleet_port: int = MISSING
     api_port: int = MISSING
     health_port: int = MISSING
+    poll_interval: float = MISSING
     insecure: bool = MISSING
     auth: bool = MISSING
     certs: str = MISSING

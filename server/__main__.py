@@ -89,6 +89,7 @@ def serve(cfg: FedshopConfig, run_dir: Path) -> int:
     log.info("server: %d test examples, labels %s; Fleet API (gRPC) on %s:%d%s", len(test), labels, d.host,
              d.fleet_port, "" if tls is None else ", TLS" + (" + merchant authentication" if d.auth else ""))
     env = procs.flower_env(run_dir)
+    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(max(0.01, d.poll_interval / 2))
     write_connection(cfg, env, tls)
     superlink = procs.start(superlink_command(cfg, tls), run_dir / "superlink.log", env)
     (run_dir / "superlink.pid").write_text(f"{superlink.pid}\n")

@@ -39,7 +39,7 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     test = M.tokenize(test_raw, tokenizer, cfg.train.max_length)
     gains = D.label_gains(cfg.data, labels)
     strategy = RecordingStrategy(build_strategy(cfg.strategy), cfg.strategy.min_replies)
-    grid = MerchantGrid(grid, cfg.strategy.round_timeout)
+    grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval)
     ckpt_dir = run_dir / "checkpoints"
     meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": labels, "test_examples": len(test),
             "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}

@@ -8,6 +8,7 @@ on every run even with the same seed. This wrapper asks every new node once for 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
@@ -21,9 +22,10 @@ QUERY = "query"
 class MerchantGrid(Grid):
     """Delegates to a Flower Grid; get_node_ids() is ordered by merchant index."""
 
-    def __init__(self, inner: Grid, timeout: float) -> None:
+    def __init__(self, inner: Grid, timeout: float, poll_interval: float = 0.2) -> None:
         self.inner = inner
         self.timeout = timeout
+        self.poll_interval = poll_interval
         self.index: dict[int, int] = {}
         self.names: dict[int, str] = {}
 
@@ -50,8 +52,20 @@ class MerchantGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Delegate."""
-        return self.inner.send_and_receive(messages, timeout=timeout)
+        """Push, then pull replies every poll_interval seconds until all arrived or `timeout` passed.
+
+        Flower's HTTP grid (deployment) sleeps a fixed 3 s between pulls; this loop is otherwise the same.
+        """
+        pending = set(self.inner.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else float("inf"))
+        replies: list[Message] = []
+        while pending and time.time() < end:
+            got = list(self.inner.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(self.poll_interval)
+        return replies
 
     def identify(self, node_ids: list[int]) -> None:
         """Ask nodes not seen before for their merchant index; nodes that do not answer stay unknown."""
@@ -59,7 +73,7 @@ class MerchantGrid(Grid):
         if not unknown:
             return
         asks = [Message(content=RecordDict(), message_type=QUERY, dst_node_id=n) for n in unknown]
-        for reply in self.inner.send_and_receive(asks, timeout=self.timeout):
+        for reply in self.send_and_receive(asks, timeout=self.timeout):
             if reply.has_error():
                 log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
