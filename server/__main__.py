@@ -104,6 +104,7 @@ def serve(cfg: FedshopConfig, run_dir: Path) -> int:
             if out.returncode != 0:
                 raise FedshopError(f"could not register merchant key {key}: {(out.stdout + out.stderr).strip()}")
             log.info("registered merchant key %s", key.name)
+        log.info("server ready: merchants can connect to %s:%d", d.host, d.fleet_port)
         run_toml = run_dir / "run_config.toml"
         run_toml.write_text(f"config-json = '''{to_json(cfg)}'''\nrun-dir = \"{run_dir}\"\n")
         flwr = subprocess.Popen(["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", str(run_toml), "--stream"],

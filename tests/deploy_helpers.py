@@ -51,9 +51,15 @@ class Deployment:
             return subprocess.Popen([*prefix, sys.executable, "-m", *args], cwd=self.root, env=env, stdout=f,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    def start_server(self, *more: str) -> subprocess.Popen[str]:
+    def start_server(self, *more: str, wait_ready: bool = True) -> subprocess.Popen[str]:
+        mark = len(self.log("server", full=True))
         self.server = self._popen(["server", *BASE, *self.extra, f"hydra.run.dir={self.run_dir}", *more],
                                   self.root / "server.out", "server")
+        deadline = time.time() + 120
+        while wait_ready and "server ready" not in self.log("server", full=True)[mark:]:
+            if self.server.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"server never became ready:\n{self.log('server')}")
+            time.sleep(0.3)
         return self.server
 
     def start_merchant(self, i: int, *more: str, shard: Path | None = None) -> subprocess.Popen[str]:
@@ -82,9 +88,10 @@ class Deployment:
             time.sleep(0.5)
         raise AssertionError(f"round {rnd} never completed:\n{self.log('server')}")
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, full: bool = False) -> str:
         path = self.root / f"{name}.out"
-        return path.read_text()[-4000:] if path.is_file() else ""
+        text = path.read_text() if path.is_file() else ""
+        return text if full else text[-4000:]
 
     def kill_server_hard(self) -> None:
         """SIGKILL the server launcher and its SuperLink (everything of the server side), as a crash would."""
