@@ -103,7 +103,9 @@ def test_unregistered_key_and_missing_ca_are_refused(secure, certs, tmp_path):
 
 def test_merchant_killed_mid_run_is_recorded_as_dropped(deployment):
     d = deployment
-    d.start_server("strategy.num_rounds=3", "strategy.round_timeout=25", "strategy.min_replies=2")
+    # Flower waits for min_available_nodes to be connected before sampling: allow for the dropout.
+    d.start_server("strategy.num_rounds=3", "strategy.round_timeout=90", "strategy.min_replies=2",
+                   "strategy.min_available_nodes=2", "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2")
     for i in range(3):
         d.start_merchant(i)
     d.wait_round(1)
