@@ -144,8 +144,10 @@ def normalize(ds: datasets.Dataset, cfg: DataConfig, source: str) -> tuple[datas
         qids = [str(q) for q in ds[cols.query_id]]
     elif cfg.task == "relevance":
         qids = texts["text"]
-    else:
-        qids = [f"row{i}" for i in range(n)]
+    else:  # group by content: stable when rows move between files, and duplicates never straddle splits
+        pairs = texts.get("text_pair") or [""] * n
+        qids = [hashlib.sha1(f"{t}\x1f{p}".encode()).hexdigest()[:16]
+                for t, p in zip(texts["text"], pairs, strict=True)]
     out_cols: dict[str, list[Any]] = {"text": texts["text"], "label": [index[s] for s in label_str],
                                       "merchant": merchants, "query_id": qids}
     if "text_pair" in texts:

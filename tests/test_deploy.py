@@ -13,8 +13,6 @@ import pytest
 from tests.conftest import run_cli
 from tests.deploy_helpers import BASE, Deployment
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
@@ -56,7 +54,9 @@ def assert_completed(d: Deployment, rounds: int = 2) -> dict:
     return results
 
 
-def test_insecure_server_and_three_merchants(deployment):
+def test_insecure_server_and_three_merchants(deployment, tmp_path):
+    from common import checkpoint as C
+
     d = deployment
     d.start_server()
     for i in range(3):
@@ -68,8 +68,18 @@ def test_insecure_server_and_three_merchants(deployment):
         assert len(r["replied"]) == 3 and r["dropped"] == []
     assert (d.run_dir / "model" / "config.json").is_file()
     assert "round 2 |" in d.log("server")
+    # The same seeds and config in simulation give the same final model (within 1e-6).
+    sim_dir = tmp_path / "sim"
+    sim_dir.mkdir()
+    proc = run_cli("simulation", [*BASE, f"hydra.run.dir={sim_dir}/run"], sim_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    deployed = C.load(d.run_dir / "checkpoints" / "round_2.pt")["weights"]
+    simulated = C.load(sim_dir / "run" / "checkpoints" / "round_2.pt")["weights"]
+    for key in deployed:
+        np.testing.assert_allclose(deployed[key], simulated[key], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_tls_with_authentication(secure, certs):
     d = secure
     d.start_server()
@@ -80,6 +90,7 @@ def test_tls_with_authentication(secure, certs):
     assert "registered merchant key merchant_02.pub" in d.log("server")
 
 
+@pytest.mark.slow
 def test_unregistered_key_and_missing_ca_are_refused(secure, certs, tmp_path):
     d = secure
     d.start_server("strategy.num_rounds=1")
@@ -101,6 +112,7 @@ def test_unregistered_key_and_missing_ca_are_refused(secure, certs, tmp_path):
     assert d.results().get("rounds", [{}])[-1].get("round", 0) == 0  # nobody got in
 
 
+@pytest.mark.slow
 def test_merchant_killed_mid_run_is_recorded_as_dropped(deployment):
     d = deployment
     # Flower waits for min_available_nodes to be connected before sampling: allow for the dropout.
@@ -119,6 +131,7 @@ def test_merchant_killed_mid_run_is_recorded_as_dropped(deployment):
     assert any("timeout" in x["reason"] or "error" in x["reason"] for x in dropped)
 
 
+@pytest.mark.slow
 def test_malformed_shard_fails_fast_while_others_finish(deployment, tmp_path):
     d = deployment
     bad = tmp_path / "bad.csv"
@@ -136,6 +149,7 @@ def test_malformed_shard_fails_fast_while_others_finish(deployment, tmp_path):
     assert results["merchants"] == ["merchant_00", "merchant_01"]
 
 
+@pytest.mark.slow
 def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shards):
     from common import checkpoint as C
 
