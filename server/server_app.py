@@ -19,7 +19,11 @@ def build_server_app(fixed_cfg: FedshopConfig | None = None, run_dir: Path | Non
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if not logging.getLogger().handlers:  # a deployed ServerApp process: round lines to the run's log stream
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            for name in ("common", "server", "client"):
+                logging.getLogger(name).setLevel(logging.INFO)
+                logging.getLogger(name).addHandler(handler)
         cfg = fixed_cfg or from_run_config(dict(context.run_config))
         out = run_dir or Path(str(context.run_config.get("run-dir") or f"outputs/flwr-run-{context.run_id}"))
         run_federated(grid, cfg, out.resolve())
