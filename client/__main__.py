@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from common import procs  # noqa: E402
-from common.config import FedshopConfig, to_typed  # noqa: E402
+from common.cli import run_guarded  # noqa: E402
+from common.config import FedshopConfig  # noqa: E402
 from common.errors import FedshopError  # noqa: E402
 
 log = logging.getLogger("fedshop.client")
@@ -102,15 +103,7 @@ def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg_raw: DictConfig) -> None:
     """Hydra entry point; a user-fixable error prints one line and exits with status 2."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    try:
-        cfg = to_typed(cfg_raw)
-        set_offline(run_dir)
-        sys.exit(run_merchant(cfg, run_dir))
-    except FedshopError as exc:
-        print(f"fedshop: error: {exc}", file=sys.stderr)
-        log.error("%s", exc)
-        sys.exit(2)
+    run_guarded(cfg_raw, Path(HydraConfig.get().runtime.output_dir).resolve(), run_merchant, log)
 
 
 if __name__ == "__main__":

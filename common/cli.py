@@ -1,0 +1,28 @@
+"""Shared launcher plumbing: validate the composed config, run, and turn user errors into one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from common.config import FedshopConfig, to_typed
+from common.env import set_offline
+from common.errors import FedshopError
+
+
+def run_guarded(cfg_raw: DictConfig, run_dir: Path, job: Callable[[FedshopConfig, Path], int],
+                log: logging.Logger) -> None:
+    """Type-check cfg_raw, run job(cfg, run_dir) offline and exit with its status; FedshopError exits 2."""
+    try:
+        cfg = to_typed(cfg_raw)
+        set_offline(run_dir)
+        status = job(cfg, run_dir)
+    except FedshopError as exc:
+        print(f"fedshop: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
+        status = 2
+    sys.exit(status)
