@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -184,3 +185,48 @@ def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shard
     for key in a["weights"]:
         np.testing.assert_array_equal(a["weights"][key], b["weights"][key])
     assert [r["round"] for r in b["history"]] == [0, 1, 2, 3]
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[dict[str, str]]:
+    """Two network namespaces joined by a veth pair: server 10.203.7.1, merchants 10.203.7.2 (made and removed here)."""
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 to create network namespaces")
+    tag = f"fs{os.getpid() % 100000}"
+    hosts = {"server": f"{tag}a", "merchants": f"{tag}b"}
+    try:
+        for ns in hosts.values():
+            if _ip("netns", "add", ns).returncode != 0:
+                pytest.skip(f"cannot create network namespace {ns}")
+        assert _ip("link", "add", f"{tag}va", "type", "veth", "peer", "name", f"{tag}vb").returncode == 0
+        for ns, dev, addr in ((hosts["server"], f"{tag}va", "10.203.7.1/24"),
+                              (hosts["merchants"], f"{tag}vb", "10.203.7.2/24")):
+            assert _ip("link", "set", dev, "netns", ns).returncode == 0
+            assert _ip("-n", ns, "addr", "add", addr, "dev", dev).returncode == 0
+            assert _ip("-n", ns, "link", "set", dev, "up").returncode == 0
+            assert _ip("-n", ns, "link", "set", "lo", "up").returncode == 0
+        yield hosts
+    finally:
+        for ns in hosts.values():
+            _ip("netns", "del", ns)
+
+
+@pytest.mark.slow
+def test_separate_hosts_in_network_namespaces(tmp_path, shards, two_hosts):
+    pki = tmp_path / "certs"
+    proc = run_cli("server.certs", ["--out", str(pki), "--hosts", "10.203.7.1", "--merchants", "3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    d = Deployment(tmp_path, shards, [f"deploy.certs={pki}"], host="10.203.7.1", netns=two_hosts)
+    try:
+        d.start_server()
+        for i in range(3):
+            d.start_merchant(i)
+        assert d.wait_server() == 0, d.log("server")
+        assert_completed(d)
+        assert "10.203.7.1" in (d.run_dir / "superlink.log").read_text()
+    finally:
+        d.close()
