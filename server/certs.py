@@ -49,7 +49,12 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def make_certificates(out: Path, hosts: list[str], days: int = 365) -> None:
-    """CA + server certificate signed by it, valid for `hosts` (IP addresses or DNS names)."""
+    """CA + server certificate signed by it, valid for `hosts` plus 127.0.0.1 and localhost.
+
+    The loopback names are always included: the server's own flwr CLI and ServerApp reach the
+    SuperLink's HTTP API over 127.0.0.1 with the same certificate.
+    """
+    hosts = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedshop development CA")])
