@@ -1,8 +1,9 @@
 """Fixed per-round cost of deployment (real server + merchant processes over gRPC) beside simulation.
 
 Fixed overhead of a round = its wall time minus the slowest merchant's local training time. Runs the
-same config (tiny model, 3 merchants) as a simulation, a deployment with fedshop's polling
-(deploy.poll_interval=0.2) and a deployment polling like Flower's defaults (3 s), in one run.
+same config (tiny model, 3 merchants) in one run as: a simulation; a deployment as fedshop ships it
+(fork-server executor, 0.2 s polling); Flower's stock executor (a cold flwr-clientapp process per
+message) with 0.2 s polling; and Flower's stock executor with Flower's 3 s polling.
 Usage: python bench/deploy_overhead.py [--rounds 4]
 """
 
@@ -31,7 +32,7 @@ def overheads(results: dict[str, Any]) -> list[float]:
     return out
 
 
-def deploy(rounds: int, poll: float) -> dict[str, Any]:
+def deploy(rounds: int, poll: float, executor: str) -> dict[str, Any]:
     """One insecure deployment of three merchants on 127.0.0.1; returns results.json and wall time."""
     root = Path(tempfile.mkdtemp(prefix="fedshop-deploy-bench-"))
     from tests.conftest import run_cli
@@ -39,7 +40,7 @@ def deploy(rounds: int, poll: float) -> dict[str, Any]:
     shards = root / "shards"
     assert run_cli("simulation.export_shards", [str(shards), *BASE], root).returncode == 0
     d = Deployment(root, shards, ["deploy.insecure=true", f"strategy.num_rounds={rounds}",
-                                  f"deploy.poll_interval={poll}"])
+                                  f"deploy.poll_interval={poll}", f"deploy.executor={executor}"])
     t0 = time.perf_counter()
     try:
         d.start_server()
@@ -58,8 +59,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args()
     runs = {"simulation": run_simulation([*BASE, f"strategy.num_rounds={a.rounds}"]),
-            "deployment, poll 0.2 s (fedshop)": deploy(a.rounds, 0.2),
-            "deployment, poll 3 s (Flower default)": deploy(a.rounds, 3.0)}
+            "deployment, fork-server executor, poll 0.2 s (fedshop)": deploy(a.rounds, 0.2, "forkserver"),
+            "deployment, Flower executor, poll 0.2 s": deploy(a.rounds, 0.2, "subprocess"),
+            "deployment, Flower executor, poll 3 s (Flower default)": deploy(a.rounds, 3.0, "subprocess")}
     rows = []
     for name, run in runs.items():
         ov = overheads(run["results"])

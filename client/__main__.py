@@ -6,8 +6,11 @@ The shard is validated here before anything connects; its path travels only in t
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -31,8 +34,12 @@ REFUSED = {"Failed to activate SuperNode": "the server refused this merchant: it
                                    "against a TLS server)"}
 
 
-def supernode_command(cfg: FedshopConfig, name: str) -> list[str]:
-    """flower-superlink's counterpart for this merchant, every address explicit."""
+def supernode_command(cfg: FedshopConfig, name: str, secret: Path | None = None) -> list[str]:
+    """flower-superlink's counterpart for this merchant, every address explicit.
+
+    With `secret` the node runs in process isolation: fedshop's executor (executor_command) runs its tasks
+    and both authenticate with that shared secret.
+    """
     d = cfg.deploy
     shard = str(Path(str(d.shard)).expanduser().resolve())
     if '"' in shard:
@@ -41,6 +48,8 @@ def supernode_command(cfg: FedshopConfig, name: str) -> list[str]:
            "--port", str(d.node_port), "--node-config", f'shard="{shard}" merchant-index={d.merchant_index} '
            f'merchant-name="{name}"', "--max-retries", str(d.connect_retries),
            "--max-wait-time", str(d.connect_wait)]
+    if secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     if d.insecure:
         return [*cmd, "--insecure"]
     certs = Path(d.certs).expanduser().resolve()
@@ -56,6 +65,22 @@ def supernode_command(cfg: FedshopConfig, name: str) -> list[str]:
                                f"merchant; the server must register its .pub)")
         cmd += ["--auth-supernode-private-key", str(key)]
     return cmd
+
+
+def executor_command(cfg: FedshopConfig, node_pid: int, secret: Path) -> list[str]:
+    """fedshop's SuperExec for this merchant's node (see client/executor)."""
+    return [sys.executable, "-m", "client.executor", "--runtime-api-address", f"127.0.0.1:{cfg.deploy.node_port}",
+            "--insecure", "--parent-pid", str(node_pid), "--superexec-auth-secret-file", str(secret)]
+
+
+def _new_secret(run_dir: Path) -> Path:
+    """A random secret only this user can read, shared by the SuperNode and its executor."""
+    path = run_dir / "superexec.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_hex(32).encode())
+    return path
 
 
 def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
@@ -75,19 +100,29 @@ def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     env["FEDSHOP_NODE_POLL_INTERVAL"] = str(d.poll_interval)
     env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(max(0.01, d.poll_interval / 2))
     log_path = run_dir / "supernode.log"
-    node = procs.start(supernode_command(cfg, name), log_path, env)
+    secret = _new_secret(run_dir) if d.executor == "forkserver" else None
+    node = procs.start(supernode_command(cfg, name, secret), log_path, env)
     (run_dir / "supernode.pid").write_text(f"{node.pid}\n")
+    owned = [node]
+    if secret is not None:
+        owned.append(procs.start(executor_command(cfg, node.pid, secret), run_dir / "executor.log", env))
+        (run_dir / "executor.pid").write_text(f"{owned[1].pid}\n")
 
     stopped: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
         stopped.append(signum)
-        procs.signal_group(node, signal.SIGTERM)
+        for proc in owned:
+            procs.signal_group(proc, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    rc = node.wait()
-    procs.stop(node, grace=20)
+    while all(proc.poll() is None for proc in owned):
+        time.sleep(0.5)
+    executor_died = len(owned) > 1 and owned[1].poll() is not None and node.poll() is None
+    for proc in owned:
+        procs.stop(proc, grace=20)
+    rc = node.returncode
     if stopped:
         log.info("%s: stopped by signal %d", name, stopped[0])
         return 128 + stopped[0]
@@ -95,6 +130,9 @@ def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     for marker, message in REFUSED.items():
         if marker in text:
             raise FedshopError(f"{name}: {message} (see {log_path})")
+    if executor_died:
+        raise FedshopError(f"{name}: the task executor exited with status {owned[1].returncode}: "
+                           f"{procs.tail(run_dir / 'executor.log', 3)}")
     if rc != 0:
         raise FedshopError(f"{name}: the SuperNode exited with status {rc}: {procs.tail(log_path, 3)}")
     return 0

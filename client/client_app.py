@@ -19,6 +19,10 @@ from common import train as T
 from common.config import FedshopConfig, from_run_config, to_json
 
 log = logging.getLogger(__name__)
+# A train message whose config has EVALUATE_FIRST=1 asks for the received model's validation metrics too;
+# they come back in the train reply's MetricRecord under EVAL_PREFIX.
+EVALUATE_FIRST = "evaluate-first"
+EVAL_PREFIX = "eval-"
 
 
 @dataclass
@@ -96,12 +100,18 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, merchant, rnd = setup(msg, context)
-        mu = float(str(msg.content.config_records["config"].get("proximal-mu", 0.0)))
+        config = msg.content.config_records["config"]
+        mu = float(str(config.get("proximal-mu", 0.0)))
+        evaluated: dict[str, float | int] = {}
+        if int(str(config.get(EVALUATE_FIRST, 0))):
+            # The received global model, evaluated before training changes it (see strategy.evaluate_with_train).
+            scores = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
+            evaluated = {f"{EVAL_PREFIX}{k}": v for k, v in scores.items()}
         seed = cfg.seed * 1_000_003 + rnd * 1009 + merchant.index
         metrics = T.train(merchant.model, merchant.train, merchant.tokenizer, cfg.train, cfg.train.local_epochs,
                           seed, proximal_mu=mu, desc=f"{merchant.name} round {rnd}")
         reply = RecordDict({"arrays": to_arrays(M.get_weights(merchant.model)),
-                            "metrics": MetricRecord({**metrics, "merchant-index": merchant.index})})
+                            "metrics": MetricRecord({**metrics, **evaluated, "merchant-index": merchant.index})})
         return Message(content=reply, reply_to=msg)
 
     @app.evaluate()

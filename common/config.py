@@ -110,6 +110,7 @@ class StrategyConfig:
     round_timeout: float = MISSING
     min_replies: int = MISSING
     round_retries: int = MISSING
+    evaluate_with_train: bool = MISSING
     proximal_mu: float | None = None
     eta: float | None = None
     eta_l: float | None = None
@@ -147,6 +148,7 @@ class DeployConfig:
     merchant_name: str | None = None
     key: str | None = None
     node_port: int = MISSING
+    executor: str = MISSING
     connect_retries: int = MISSING
     connect_wait: float = MISSING
 
@@ -204,6 +206,8 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(s.min_replies >= 1, "strategy.min_replies", s.min_replies, ">= 1")
     _check(s.round_retries >= 0, "strategy.round_retries", s.round_retries, ">= 0")
     _check(s.round_timeout > 0, "strategy.round_timeout", s.round_timeout, "> 0")
+    _check(cfg.deploy.executor in {"forkserver", "subprocess"}, "deploy.executor", cfg.deploy.executor,
+           "forkserver|subprocess")
     k = cfg.simulation.num_merchants
     _check(k > 0, "simulation.num_merchants", k, "> 0")
     _check(s.min_available_nodes <= k, "strategy.min_available_nodes", s.min_available_nodes,

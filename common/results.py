@@ -36,6 +36,18 @@ class RunLog:
         log.info(summary_line(record))
         self.write()
 
+    def update(self, round_: int, **fields: Any) -> None:
+        """Add fields that arrive later (piggy-backed federated evaluation) to round `round_`'s record."""
+        for record in self.rounds:
+            if record["round"] == round_:
+                record.update(fields)
+                for key, value in (fields.get("evaluate") or {}).items():
+                    if isinstance(value, int | float):
+                        self.tb.add_scalar(f"evaluate/{key}", value, round_)
+                self.tb.flush()
+                self.write()
+                return
+
     def write(self, **extra: Any) -> None:
         """Rewrite results.json atomically."""
         self.meta.update(extra)

@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from client.client_app import from_arrays, to_arrays
+from client.client_app import EVALUATE_FIRST, from_arrays, to_arrays
 from common import checkpoint as C
 from common import data as D
 from common import model as M
@@ -69,12 +69,18 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     runlog.write(status="running")
     arrays = to_arrays(weights)
     timeout = cfg.strategy.round_timeout
+    piggyback = cfg.strategy.evaluate_with_train
+
+    def merchant(node: int) -> str:
+        return grid.names.get(node, f"node {node}")
+
     for rnd in range(start, cfg.strategy.num_rounds + 1):
         t0 = time.time()
         attempts = []
+        train_config = ConfigRecord({EVALUATE_FIRST: 1} if piggyback else {})
         for attempt in range(cfg.strategy.round_retries + 1):
             strategy.new_round()
-            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
+            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid),
                                             timeout=timeout)
             agg, train_metrics = strategy.aggregate_train(rnd, replies)
             attempts.append({"replied": len(strategy.record["replied"]), "dropped": strategy.record["dropped"]})
@@ -82,19 +88,23 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
                 break
             if attempt < cfg.strategy.round_retries:
                 log.warning("round %d: retrying (%d/%d)", rnd, attempt + 1, cfg.strategy.round_retries)
+        if piggyback:
+            # These replies evaluated the model they received: the global model of the previous round.
+            for entry in strategy.record["pre_evaluated"]:
+                entry["merchant"] = merchant(entry["node"])
+            runlog.update(rnd - 1, evaluate=dict(strategy.pre_evaluation() or {}),
+                          evaluated=strategy.record["pre_evaluated"])
         if agg is None:
             log.warning("round %d: no usable update arrived; the global model is unchanged", rnd)
         else:
             arrays = agg
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
-                                        timeout=timeout)
-        eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+        eval_metrics = None
+        if not piggyback or rnd == cfg.strategy.num_rounds:
+            replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
+                                            timeout=timeout)
+            eval_metrics = strategy.aggregate_evaluate(rnd, replies)
         weights = from_arrays(arrays)
         rec = strategy.record
-
-        def merchant(node: int) -> str:
-            return grid.names.get(node, f"node {node}")
-
         rec["sampled"] = [{"node": n, "merchant": merchant(n)} for n in rec["sampled"]]
         for entry in rec["replied"] + rec["evaluated"] + rec["dropped"]:
             entry["merchant"] = merchant(entry["node"])

@@ -20,14 +20,20 @@ from common.config import StrategyConfig
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
 INFO_KEYS = ("merchant-index",)
+EVAL_PREFIX = "eval-"  # client.client_app.EVAL_PREFIX
 
 
 def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Flower's weighted metric average, without the per-merchant bookkeeping keys."""
+    """Flower's weighted metric average, without the per-merchant bookkeeping keys or piggy-backed evaluation."""
     out = aggregate_metricrecords(records, weight_key)
-    for key in INFO_KEYS:
-        out.pop(key, None)
+    for key in [k for k in out if k in INFO_KEYS or k.startswith(EVAL_PREFIX)]:
+        out.pop(key)
     return out
+
+
+def split_evaluation(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The validation metrics a train reply carries (EVAL_PREFIX keys, prefix removed); {} when none."""
+    return {k[len(EVAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(EVAL_PREFIX)}
 
 
 def build_strategy(cfg: StrategyConfig) -> FedAvg:
@@ -94,8 +100,8 @@ class RecordingStrategy(Strategy):
 
     def new_round(self) -> None:
         """Start a fresh per-round record."""
-        self.record = {"sampled": [], "replied": [], "dropped": [], "evaluated": [], "bytes_down_per_merchant": 0,
-                       "too_few_replies": False}
+        self.record = {"sampled": [], "replied": [], "dropped": [], "evaluated": [], "pre_evaluated": [],
+                       "bytes_down_per_merchant": 0, "too_few_replies": False}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -127,6 +133,10 @@ class RecordingStrategy(Strategy):
                 "num_examples": metrics.get(WEIGHT_KEY), "train_loss": metrics.get("train-loss"),
                 "train_seconds": metrics.get("train-seconds"), "bytes_up": _nbytes(msg.content),
                 "bytes_down": self.record["bytes_down_per_merchant"]})
+            scores = split_evaluation(metrics)
+            if scores:
+                self.record["pre_evaluated"].append({"node": node, **scores,
+                                                     "merchant-index": metrics.get("merchant-index")})
             valid.append(msg)
         answered = {r["node"] for r in self.record["replied"]} | {d["node"] for d in self.record["dropped"]}
         for node in self.record["sampled"]:
@@ -154,6 +164,13 @@ class RecordingStrategy(Strategy):
             self.record["evaluated"].append({"node": msg.metadata.src_node_id, **metrics})
         usable = [m for m in replies if _weight(m.content) > 0]
         return self.inner.aggregate_evaluate(server_round, usable) if usable else None
+
+    def pre_evaluation(self) -> MetricRecord | None:
+        """Weighted average of the validation metrics this round's train replies carried (None when none)."""
+        usable = [RecordDict({"m": MetricRecord({k: v for k, v in e.items() if isinstance(v, int | float)
+                                                 and k not in ("node", "merchant-index")})})
+                  for e in self.record["pre_evaluated"] if float(e.get(WEIGHT_KEY, 0)) > 0]
+        return _aggregate_metrics(usable, WEIGHT_KEY) if usable else None
 
     def state(self) -> dict[str, Any]:
         """Strategy state that a resume must restore (FedAdam moments); torch.save-safe."""

@@ -103,11 +103,12 @@ class Deployment:
         self.server.wait(timeout=30)
 
     def kill_merchant_hard(self, i: int) -> None:
-        """SIGKILL a merchant launcher and its SuperNode, as a machine dying would."""
+        """SIGKILL a merchant launcher, its SuperNode and its task executor, as a machine dying would."""
         _kill_group(self.merchants[i].pid, signal.SIGKILL)
-        pid_file = self.root / f"m{i}" / "supernode.pid"
-        if pid_file.is_file():
-            _kill_group(int(pid_file.read_text()), signal.SIGKILL)
+        for name in ("supernode.pid", "executor.pid"):
+            pid_file = self.root / f"m{i}" / name
+            if pid_file.is_file():
+                _kill_group(int(pid_file.read_text()), signal.SIGKILL)
         self.merchants[i].wait(timeout=30)
 
     def close(self) -> None:
@@ -124,7 +125,7 @@ class Deployment:
         for p in procs:
             _kill_group(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
-        for leftover in [pid_file, *self.root.glob("m*/supernode.pid")]:
+        for leftover in [pid_file, *self.root.glob("m*/supernode.pid"), *self.root.glob("m*/executor.pid")]:
             if leftover.is_file():
                 _kill_group(int(leftover.read_text()), signal.SIGKILL)
 

@@ -69,6 +69,15 @@ def test_insecure_server_and_three_merchants(deployment, tmp_path):
         assert len(r["replied"]) == 3 and r["dropped"] == []
     assert (d.run_dir / "model" / "config.json").is_file()
     assert "round 2 |" in d.log("server")
+    # Every message ran in a process forked from the merchant's warm fork server: query, train x 2, final evaluate.
+    for i in range(3):
+        executor_log = (d.root / f"m{i}" / "executor.log").read_text()
+        assert executor_log.count("exited with status 0") >= 4, executor_log[-2000:]
+        assert "exited with status 1" not in executor_log
+    # Federated evaluation rode on the training messages (and one final evaluation): every round has it.
+    for r in results["rounds"]:
+        assert {"loss", "accuracy", "macro_f1"} <= set(r["evaluate"]), r
+        assert sorted(e["merchant"] for e in r["evaluated"]) == results["merchants"]
     # The same seeds and config in simulation give the same final model (within 1e-6).
     sim_dir = tmp_path / "sim"
     sim_dir.mkdir()
@@ -89,6 +98,20 @@ def test_tls_with_authentication(secure, certs):
     assert d.wait_server() == 0, d.log("server")
     assert_completed(d)
     assert "registered merchant key merchant_02.pub" in d.log("server")
+
+
+@pytest.mark.slow
+def test_flower_stock_executor_and_separate_evaluation(deployment):
+    """deploy.executor=subprocess (a cold flwr-clientapp per message) with evaluation messages of its own."""
+    d = deployment
+    d.start_server("strategy.evaluate_with_train=false")
+    for i in range(3):
+        d.start_merchant(i, "deploy.executor=subprocess")
+    assert d.wait_server() == 0, d.log("server")
+    results = assert_completed(d)
+    for r in results["rounds"][1:]:
+        assert len(r["replied"]) == 3 and len(r["evaluated"]) == 3
+    assert not (d.root / "m0" / "executor.log").exists()
 
 
 @pytest.mark.slow

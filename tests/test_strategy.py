@@ -89,3 +89,25 @@ def test_strategy_presets_are_flowers():
     assert isinstance(prox, FedProx) and prox.proximal_mu == pytest.approx(0.01)
     adam = build_strategy(compose(["strategy=fedadam"]).strategy)
     assert isinstance(adam, FedAdam) and adam.eta == pytest.approx(1e-3)
+
+
+def test_evaluation_carried_by_train_replies_is_split_off_and_weighted_by_validation_size():
+    strategy = make_strategy()
+    evals = [(0.9, 0.5, 4), (0.3, 1.0, 12), (0.6, 0.25, 0)]  # (loss, accuracy, validation examples)
+    replies = [reply(i + 1, theta, {"num-examples": n, "train-loss": 1.0, "eval-loss": loss, "eval-accuracy": acc,
+                                    "eval-num-examples": nv, "merchant-index": i})
+               for i, ((theta, n), (loss, acc, nv)) in enumerate(zip(THETA, evals, strict=True))]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None and not any(k.startswith("eval-") for k in metrics)
+    assert [e["merchant-index"] for e in strategy.record["pre_evaluated"]] == [0, 1, 2]
+    assert strategy.record["pre_evaluated"][1]["accuracy"] == 1.0
+    pre = strategy.pre_evaluation()
+    assert pre is not None  # the merchant without validation examples carries no weight
+    assert pre["loss"] == pytest.approx((0.9 * 4 + 0.3 * 12) / 16)
+    assert pre["accuracy"] == pytest.approx((0.5 * 4 + 1.0 * 12) / 16)
+
+
+def test_train_replies_without_evaluation_leave_none_to_record():
+    strategy = make_strategy()
+    strategy.aggregate_train(1, [reply(i + 1, theta, {"num-examples": n}) for i, (theta, n) in enumerate(THETA)])
+    assert strategy.record["pre_evaluated"] == [] and strategy.pre_evaluation() is None

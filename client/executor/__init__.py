@@ -1,0 +1,1 @@
+"""fedshop's SuperExec for a merchant: runs each ClientApp task in a process forked from a warm fork server."""

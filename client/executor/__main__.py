@@ -1,0 +1,133 @@
+"""`python -m client.executor --runtime-api-address HOST:PORT [...]`: a merchant's task executor.
+
+Flower 1.39's SuperNode runs every message (train, evaluate, ...) in a new `flwr-clientapp` process that
+imports torch, transformers and datasets from scratch: about 6.6 s of CPU before the first line of
+fedshop runs, twice per merchant per round. With `flower-supernode --isolation process` the node leaves
+starting those processes to an external SuperExec; this is that SuperExec. It is Flower's own
+`run_superexec` loop (task acquisition, SuperExec authentication, health) with one change: each
+ClientApp task runs Flower's unchanged `run_clientapp` in a process forked from a multiprocessing fork
+server that imported the heavy libraries once. Every task still gets a fresh process (no state leaks
+between messages), and the task drops fedshop's own modules before loading the app, so the code that
+runs is the FAB the server sent, exactly as with Flower's executor (see client/executor/task.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from multiprocessing import forkserver
+from pathlib import Path
+
+from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec import run_superexec as flower_superexec
+from flwr.supercore.superexec.executor import LaunchResult
+from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+from client.executor.task import run_task
+
+log = logging.getLogger("fedshop.executor")
+
+# Third-party modules a fedshop ClientApp imports; fedshop's own packages are deliberately absent (they
+# come from the FAB). A module that is not installed is skipped.
+PRELOAD = ["numpy", "torch", "torch.utils.data", "tokenizers", "transformers", "transformers.models.auto",
+           "transformers.models.bert.modeling_bert", "transformers.models.bert.tokenization_bert",
+           "datasets", "omegaconf", "flwr_datasets", "flwr_datasets.partitioner", "tqdm", "flwr.app",
+           "flwr.clientapp", "flwr.supernode.runtime.run_clientapp", "client.executor.task"]
+
+
+class ForkServerExecutor:
+    """Flower Executor protocol: ClientApp tasks run in processes forked from a warm fork server."""
+
+    def __init__(self, preload: list[str]) -> None:
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload([m for m in preload if _installed(m)])
+        forkserver.ensure_running()
+        self.running: list[tuple[multiprocessing.process.BaseProcess, float]] = []
+
+    def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
+                              root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
+        """A merchant executes ClientApp tasks only."""
+        return supported_task_types & {TaskType.CLIENT_APP}, set()
+
+    def wait_for_capacity(self, task_type: TaskType | None = None, *, fab_hash: str | None = None,
+                          insecure: bool = False, root_certificates_path: str | None = None) -> None:
+        """No capacity gate: every acquired task starts at once."""
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        """Fork a process that runs Flower's run_clientapp for this task's token."""
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(f"fedshop's merchant executor runs ClientApp tasks only, not {spec.task_type}")
+        certificates = Path(spec.root_certificates_path).read_bytes() if spec.root_certificates_path else None
+        proc = self.ctx.Process(target=run_task, name=f"clientapp-task-{spec.task_id}", kwargs={
+            "runtime_api_address": spec.runtime_api_address, "token": spec.token, "insecure": spec.insecure,
+            "certificates": certificates, "parent_pid": os.getpid(), "runtime_dependency_install": False})
+        try:
+            proc.start()
+        except OSError as err:
+            return LaunchResult.failed(f"could not fork a ClientApp process: {err}")
+        self.running.append((proc, time.perf_counter()))
+        log.info("task %d: started %s (pid %s)", spec.task_id, proc.name, proc.pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap finished task processes; a failed one is logged (Flower reports the task's status itself)."""
+        still = []
+        for proc, started in self.running:
+            if proc.is_alive():
+                still.append((proc, started))
+                continue
+            proc.join()
+            level = logging.WARNING if proc.exitcode else logging.INFO
+            log.log(level, "%s: exited with status %s after %.2f s", proc.name, proc.exitcode,
+                    time.perf_counter() - started)
+        self.running = still
+
+    def close(self) -> None:
+        """Stop task processes still running (the SuperExec is shutting down)."""
+        for proc, _ in self.running:
+            proc.terminate()
+        for proc, _ in self.running:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        self.running = []
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flower-superexec's connection flags, then run Flower's SuperExec loop with the fork server."""
+    ap = argparse.ArgumentParser(prog="python -m client.executor", description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    ap.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (loopback only)")
+    ap.add_argument("--root-certificates", default=None, help="CA certificate of the Runtime API")
+    ap.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    ap.add_argument("--superexec-auth-secret-file", default=None, help="shared secret the SuperNode also has")
+    a = ap.parse_args(argv)
+    if not hasattr(flower_superexec, "get_executor"):
+        sys.exit("fedshop: this Flower has no flwr.supercore.superexec.run_superexec.get_executor; "
+                 "use deploy.executor=subprocess")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    executor = ForkServerExecutor(PRELOAD)
+    flower_superexec.get_executor = lambda *args, **kwargs: executor  # type: ignore[assignment]
+    secret = load_superexec_auth_secret(a.superexec_auth_secret_file)
+    log.info("fork server ready (pid %d); acquiring ClientApp tasks from %s", os.getpid(), a.runtime_api_address)
+    flower_superexec.run_superexec(runtime_api_address=a.runtime_api_address, insecure=a.insecure,
+                                   root_certificates_path=a.root_certificates, superexec_auth_secret=secret,
+                                   parent_pid=a.parent_pid, runtime_dependency_install=False)
+
+
+if __name__ == "__main__":
+    main()
