@@ -154,6 +154,39 @@ class DeployConfig:
 
 
 @dataclass
+class RulesConfig:
+    """Business re-ranking on top of the model score (serving)."""
+
+    out_of_stock_penalty: float = MISSING
+    margin_weight: float = MISSING
+    promotion_boost: float = MISSING
+    price_min: float | None = None
+    price_max: float | None = None
+    max_per_category: int | None = None
+
+
+@dataclass
+class ServingConfig:
+    """The real-time ranking service (python -m serving)."""
+
+    model_dir: str | None = None
+    form: str = MISSING
+    catalog: str | None = None
+    host: str = MISSING
+    port: int = MISSING
+    max_length: int = MISSING
+    retriever: str | None = None
+    retrieve_top_n: int = MISSING
+    default_k: int = MISSING
+    max_k: int = MISSING
+    max_candidates: int = MISSING
+    max_query_chars: int = MISSING
+    request_timeout: float = MISSING
+    gains: dict[str, float] | None = None
+    rules: RulesConfig = field(default_factory=RulesConfig)
+
+
+@dataclass
 class FedshopConfig:
     """The whole composed configuration."""
 
@@ -166,6 +199,7 @@ class FedshopConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -208,6 +242,17 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(s.round_timeout > 0, "strategy.round_timeout", s.round_timeout, "> 0")
     _check(cfg.deploy.executor in {"forkserver", "subprocess"}, "deploy.executor", cfg.deploy.executor,
            "forkserver|subprocess")
+    v = cfg.serving
+    _check(v.form in {"fp32", "int8"}, "serving.form", v.form, "fp32|int8")
+    for key in ("max_length", "retrieve_top_n", "default_k", "max_k", "max_candidates", "max_query_chars"):
+        _check(getattr(v, key) > 0, f"serving.{key}", getattr(v, key), "> 0")
+    _check(v.default_k <= v.max_k, "serving.default_k", v.default_k, f"<= serving.max_k ({v.max_k})")
+    _check(v.request_timeout > 0, "serving.request_timeout", v.request_timeout, "> 0")
+    r = v.rules
+    _check(r.max_per_category is None or r.max_per_category > 0, "serving.rules.max_per_category",
+           r.max_per_category, "> 0 or null")
+    _check(r.price_min is None or r.price_max is None or r.price_min <= r.price_max, "serving.rules.price_min",
+           r.price_min, f"<= serving.rules.price_max ({r.price_max})")
     k = cfg.simulation.num_merchants
     _check(k > 0, "simulation.num_merchants", k, "> 0")
     _check(s.min_available_nodes <= k, "strategy.min_available_nodes", s.min_available_nodes,
@@ -231,6 +276,17 @@ def to_typed(raw: DictConfig | dict[str, Any]) -> FedshopConfig:
 def to_json(cfg: FedshopConfig) -> str:
     """Serialise a typed config to a canonical JSON string (stable key order)."""
     return json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), sort_keys=True)
+
+
+def training_json(cfg: FedshopConfig) -> str:
+    """to_json without the sections that do not change what is trained (deploy addresses, serving).
+
+    Checkpoints are tied to this, so a resumed server may listen elsewhere or use other certificates.
+    """
+    doc = json.loads(to_json(cfg))
+    for key in ("deploy", "serving"):
+        doc.pop(key, None)
+    return json.dumps(doc, sort_keys=True)
 
 
 def from_json(text: str) -> FedshopConfig:

@@ -20,7 +20,7 @@ from common import checkpoint as C
 from common import data as D
 from common import model as M
 from common import train as T
-from common.config import FedshopConfig, to_json
+from common.config import FedshopConfig, training_json
 from common.results import RunLog
 from server.grid import MerchantGrid
 from server.strategy import RecordingStrategy, build_strategy
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) cfg.strategy.num_rounds rounds; returns the final server-side metrics."""
-    cfg_json = to_json(cfg)
+    cfg_json = training_json(cfg)
     T.set_seed(cfg.seed)
     T.configure_threads(cfg.train)
     test_raw, labels = D.load_test(cfg)
