@@ -1,0 +1,121 @@
+"""Scores (query, product) pairs with a fedshop model directory, in fp32 or int8 form."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.errors import FedshopError
+from common.model import LABELS_FILE
+
+log = logging.getLogger(__name__)
+ESCI_GAINS = {"exact": 1.0, "substitute": 0.1, "complement": 0.01, "irrelevant": 0.0}
+FORMS = ("fp32", "int8")
+
+
+def model_version(model_dir: Path) -> str:
+    """A short content hash of the model directory's config and weights (what /metrics and responses report)."""
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in model_dir.iterdir() if p.suffix in {".json", ".safetensors", ".bin"}):
+        with (model_dir / name).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def read_labels(model_dir: Path, gains: dict[str, float] | None) -> tuple[list[str], list[float]]:
+    """Label names (fedshop_labels.json, else config.json's id2label) and each label's ranking gain."""
+    path = model_dir / LABELS_FILE
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        labels = [str(x) for x in doc["labels"]]
+        saved = doc.get("gains") or {}
+    else:
+        config = json.loads((model_dir / "config.json").read_text())
+        labels = [str(config["id2label"][str(i)]) for i in range(len(config["id2label"]))]
+        saved = {}
+    table = {**ESCI_GAINS, **saved, **(gains or {})}
+    missing = [name for name in labels if name not in table]
+    if missing:
+        raise FedshopError(f"{model_dir}: no ranking gain for label(s) {missing}; set serving.gains")
+    return labels, [float(table[name]) for name in labels]
+
+
+class Ranker:
+    """A loaded, warmed-up model: score(query, titles) -> expected relevance gain per title."""
+
+    def __init__(self, model_dir: str | Path, form: str = "fp32", max_length: int = 64,
+                 gains: dict[str, float] | None = None) -> None:
+        self.model_dir = Path(model_dir).expanduser().resolve()
+        if form not in FORMS:
+            raise FedshopError(f"serving.form={form!r}: expected one of {', '.join(FORMS)}")
+        if not (self.model_dir / "config.json").is_file():
+            raise FedshopError(f"serving.model_dir={self.model_dir}: not a Hugging Face model directory "
+                               f"(no config.json)")
+        self.form, self.max_length = form, max_length
+        self.labels, gain_list = read_labels(self.model_dir, gains)
+        self.gains = torch.tensor(gain_list, dtype=torch.float32)
+        try:
+            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.model_dir)
+            model = AutoModelForSequenceClassification.from_pretrained(self.model_dir)
+        except (OSError, ValueError) as exc:
+            raise FedshopError(f"serving.model_dir={self.model_dir}: could not load: {exc}") from exc
+        if model.config.num_labels != len(self.labels):
+            raise FedshopError(f"{self.model_dir}: the model has {model.config.num_labels} outputs but "
+                               f"{len(self.labels)} labels")
+        model.eval()
+        if form == "int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model
+        self.version = f"{model_version(self.model_dir)}-{form}"
+        self._lock = threading.Lock()
+        self.score("warm-up", ["warm-up product"])
+
+    def probabilities(self, query: str, titles: list[str]) -> np.ndarray:
+        """Label probabilities, one row per title (float32)."""
+        enc = self.tokenizer([query] * len(titles), titles, truncation=True, max_length=self.max_length,
+                             padding=True, return_tensors="pt")
+        with self._lock, torch.inference_mode():
+            logits = self.model(**enc).logits.float()
+        return torch.softmax(logits, dim=-1).numpy()
+
+    def score(self, query: str, titles: list[str]) -> np.ndarray:
+        """Expected gain Σ p(label)·gain(label) per title: the model score that ranking starts from."""
+        if not titles:
+            return np.zeros(0, dtype=np.float32)
+        probs = self.probabilities(query, titles)
+        return probs @ self.gains.numpy()
+
+
+class Encoder:
+    """A bi-encoder (mean-pooled, L2-normalised token states) for retrieving candidates from the catalog."""
+
+    def __init__(self, model_dir: str | Path, max_length: int = 64) -> None:
+        self.model_dir = Path(model_dir).expanduser()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self.model = AutoModel.from_pretrained(self.model_dir).eval()
+        except (OSError, ValueError) as exc:
+            raise FedshopError(f"serving.retriever: could not load an encoder from {self.model_dir}: {exc}") from exc
+        self.max_length = max_length
+        self._lock = threading.Lock()
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Unit vectors, one row per text."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[start:start + batch_size], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="pt")
+            with self._lock, torch.inference_mode():
+                states = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)

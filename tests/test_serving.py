@@ -1,0 +1,287 @@
+"""The ranking service: catalog validation, business rules, and real HTTP against `python -m serving`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from common.errors import FedshopError
+from serving.catalog import Product, load_catalog
+from serving.rules import Ranked, Rules, rerank
+from tests.conftest import ROOT, run_cli
+
+CATALOG_ARGS = ["data.synthetic.num_queries=40", "simulation.num_merchants=3"]
+
+
+def product(pid: str, category: str = "c", price: float | None = 10.0, stock: int | None = 5,
+            margin: float | None = None, promoted: bool = False) -> Product:
+    return Product(id=pid, title=f"title {pid}", category=category, brand="", price=price, stock=stock,
+                   margin=margin, promoted=promoted)
+
+
+def ids(items: list[Ranked]) -> list[str]:
+    return [r.product.id for r in items]
+
+
+def scored(*pairs: tuple[Product, float]) -> list[Ranked]:
+    return [Ranked(p, s) for p, s in pairs]
+
+
+def test_without_rules_order_is_the_model_order():
+    top, filtered = rerank(scored((product("a"), 0.2), (product("b"), 0.9), (product("c"), 0.5)), Rules(0.0), 3)
+    assert ids(top) == ["b", "c", "a"] and filtered == []
+    assert [r.model_rank for r in top] == [1, 2, 3]
+
+
+def test_out_of_stock_is_demoted_and_explained():
+    items = scored((product("a", stock=0), 0.9), (product("b"), 0.5))
+    top, _ = rerank(items, Rules(out_of_stock_penalty=1.0), 2)
+    assert ids(top) == ["b", "a"]
+    assert top[1].rules == [{"rule": "out_of_stock", "delta": -1.0}]
+    assert top[1].final_score == pytest.approx(0.9 - 1.0)
+
+
+def test_margin_and_promotion_boosts_move_products_up():
+    items = scored((product("a", margin=0.0), 0.50), (product("b", margin=0.4), 0.45))
+    assert ids(rerank(items, Rules(0.0, margin_weight=0.2), 2)[0]) == ["b", "a"]
+    items = scored((product("a"), 0.50), (product("b", promoted=True), 0.45))
+    top, _ = rerank(items, Rules(0.0, promotion_boost=0.1), 2)
+    assert ids(top) == ["b", "a"] and top[0].rules == [{"rule": "promotion_boost", "delta": 0.1}]
+
+
+def test_price_range_filters_with_reasons():
+    items = scored((product("a", price=5.0), 0.9), (product("b", price=50.0), 0.8), (product("c", price=500.0), 0.7))
+    top, filtered = rerank(items, Rules(0.0, price_min=10.0, price_max=100.0), 3)
+    assert ids(top) == ["b"]
+    assert {f["id"]: f["rule"] for f in filtered} == {"a": "price_range", "c": "price_range"}
+
+
+def test_category_diversity_caps_each_category_in_the_top_k():
+    items = scored((product("a", "shoes"), 0.9), (product("b", "shoes"), 0.8), (product("c", "shoes"), 0.7),
+                   (product("d", "hats"), 0.1))
+    top, _ = rerank(items, Rules(0.0, max_per_category=2), 3)
+    assert ids(top) == ["a", "b", "d"]
+    assert ids(rerank(items, Rules(0.0), 3)[0]) == ["a", "b", "c"]
+
+
+def test_ties_are_broken_deterministically():
+    items = scored((product("b"), 0.5), (product("a"), 0.5))
+    assert ids(rerank(items, Rules(0.0), 2)[0]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("title,price\nx,1\n", "missing column(s) ['id']"),
+    ("id,title,price\np1,shoe,cheap\n", "row 2: column 'price' must be a number, got 'cheap'"),
+    ("id,title,stock\np1,shoe,1\np1,boot,2\n", "row 3: duplicate id 'p1'"),
+    ("id,title,stock\np1,,1\n", "row 2: empty 'title'"),
+    ("id,title,stock\np1,shoe,-3\n", "row 2: column 'stock' must be a whole number >= 0"),
+])
+def test_bad_catalog_rows_are_named(tmp_path, content, message):
+    path = tmp_path / "catalog.csv"
+    path.write_text(content)
+    with pytest.raises(FedshopError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        load_catalog(path)
+
+
+# ---------------------------------------------------------------- real HTTP against python -m serving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_model(out: Path, seed: int) -> Path:
+    """A tiny random BERT saved like a fedshop run's model/ directory."""
+    from common import model as M
+    from common.config import compose
+
+    cfg = compose(["model=tiny"])
+    M.save_final(M.build_model(cfg.model, ["exact", "substitute", "complement", "irrelevant"], seed),
+                 M.load_tokenizer(cfg.model), ["exact", "substitute", "complement", "irrelevant"], out)
+    return out
+
+
+class Server:
+    """`python -m serving` on a free 127.0.0.1 port, stopped (by PID) at the end."""
+
+    def __init__(self, root: Path, model_dir: Path, catalog: Path, *more: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.log = root / f"serving-{self.port}.log"
+        with self.log.open("w") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "serving", f"serving.model_dir={model_dir}", f"serving.catalog={catalog}",
+                 f"serving.port={self.port}", "train.num_threads=1", f"hydra.run.dir={root}/run-{self.port}", *more],
+                cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert time.time() < deadline, "service never became healthy"
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    proc = run_cli("serving.make_catalog", [str(root / "data"), *CATALOG_ARGS], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root, make_model(root / "model_a", 1), make_model(root / "model_b", 2), root / "data" / "catalog.csv"
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    root, model_a, _, catalog = assets
+    s = Server(root, model_a, catalog, "serving.rules.margin_weight=0.5", "serving.rules.promotion_boost=0.2",
+               "serving.rules.max_per_category=2", "serving.max_candidates=50")
+    yield s
+    s.close()
+
+
+def catalog_ids(assets, n: int) -> list[str]:
+    return [p.id for p in load_catalog(assets[3]).products[:n]]
+
+
+def test_rank_contract_and_explained_scores(server, assets):
+    cands = catalog_ids(assets, 30)
+    r = httpx.post(f"{server.url}/rank", json={"query": "red running shoes", "candidates": cands, "k": 10})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    results = body["results"]
+    assert body["k"] == 10 and len(results) == 10 and body["retrieved"] is False
+    assert [x["rank"] for x in results] == list(range(1, 11))
+    assert {x["id"] for x in results} <= set(cands)
+    for x in results:
+        moved = sum(rule.get("delta", 0.0) for rule in x["rules"])
+        assert x["final_score"] == pytest.approx(x["model_score"] + moved, abs=1e-5)
+    counts: dict[str, int] = {}
+    for x in results:
+        counts[x["category"]] = counts.get(x["category"], 0) + 1
+    assert max(counts.values()) <= 2
+    assert body["model_version"].endswith("-fp32")
+
+
+def test_rank_retrieves_from_the_catalog_without_candidates(server):
+    r = httpx.post(f"{server.url}/rank", json={"query": "wireless headphones", "k": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["retrieved"] is True and len(r.json()["results"]) == 5
+
+
+def test_request_price_range_filters(server, assets):
+    cands = catalog_ids(assets, 30)
+    r = httpx.post(f"{server.url}/rank", json={"query": "lamp", "candidates": cands, "k": 30, "price_max": 100})
+    assert r.status_code == 200
+    assert all(x["price"] <= 100 for x in r.json()["results"])
+    assert all(f["rule"] == "price_range" for f in r.json()["filtered"])
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"query": "   ", "k": 3}, 422, "query must not be empty"),
+    ({"query": "x" * 501}, 422, "more than 500"),
+    ({"query": "shoes", "candidates": ["nope-1", "nope-2"]}, 404, "not in the catalog"),
+    ({"query": "shoes", "candidates": [f"p{i:05d}" for i in range(51)]}, 413, "more than 50"),
+    ({"query": "shoes", "k": 0}, 422, "k=0"),
+    ({"query": 7}, 422, "query"),
+    ({"query": "shoes", "k": "ten"}, 422, "k"),
+    ({"query": "shoes", "candidates": "p00001"}, 422, "candidates"),
+    ({"query": "shoes", "colour": "red"}, 422, "colour"),
+    ({"query": "shoes", "candidates": []}, 422, "must not be empty"),
+])
+def test_bad_input_gets_a_clear_4xx(server, body, status, needle):
+    r = httpx.post(f"{server.url}/rank", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+
+
+def test_malformed_json_is_a_4xx_not_a_crash(server):
+    r = httpx.post(f"{server.url}/rank", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json()
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_metrics_count_requests_and_errors(server):
+    before = httpx.get(f"{server.url}/metrics").text
+    httpx.post(f"{server.url}/rank", json={"query": ""})
+    httpx.post(f"{server.url}/rank", json={"query": "mug", "k": 2})
+    text = httpx.get(f"{server.url}/metrics").text
+
+    def value(body: str, line: str) -> float:
+        return next((float(x.rsplit(" ", 1)[1]) for x in body.splitlines() if x.startswith(line + " ")), 0.0)
+
+    ok, bad = 'fedshop_requests_total{endpoint="/rank",status="200"}', \
+        'fedshop_requests_total{endpoint="/rank",status="422"}'
+    assert value(text, ok) == value(before, ok) + 1
+    assert value(text, bad) == value(before, bad) + 1
+    assert 'fedshop_request_seconds_bucket{endpoint="/rank",le="+Inf"}' in text
+    assert "fedshop_model_info{version=" in text
+
+
+def test_model_swap_under_concurrent_requests_loses_none(server, assets):
+    _, model_a, model_b, _ = assets
+    cands = catalog_ids(assets, 20)
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                r = client.post(f"{server.url}/rank", json={"query": "desk lamp", "candidates": cands, "k": 5})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    versions.add(r.json()["model_version"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    old = httpx.get(f"{server.url}/healthz").json()["model_version"]
+    swap = httpx.post(f"{server.url}/admin/model", json={"model_dir": str(model_b)}, timeout=120)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert swap.status_code == 200, swap.text
+    new = swap.json()["model_version"]
+    assert new != old and httpx.get(f"{server.url}/healthz").json()["model_version"] == new
+    assert statuses and set(statuses) == {200}, statuses
+    assert {old, new} <= versions
+    bad = httpx.post(f"{server.url}/admin/model", json={"model_dir": str(assets[0] / "missing")})
+    assert bad.status_code == 422 and "not a Hugging Face model directory" in bad.json()["error"]
+    assert httpx.get(f"{server.url}/healthz").json()["model_version"] == new
+    httpx.post(f"{server.url}/admin/model", json={"model_dir": str(model_a)}, timeout=120)
+
+
+def test_bad_model_dir_or_catalog_fails_fast_with_one_line(assets, tmp_path):
+    root, model_a, _, catalog = assets
+    proc = run_cli("serving", [f"serving.model_dir={tmp_path}", f"serving.catalog={catalog}",
+                               f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert proc.returncode == 2 and "not a Hugging Face model directory" in proc.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,title,price\np1,shoe,free\n")
+    proc = run_cli("serving", [f"serving.model_dir={model_a}", f"serving.catalog={bad}",
+                               f"hydra.run.dir={tmp_path}/run2"], tmp_path)
+    assert proc.returncode == 2 and "row 2: column 'price' must be a number" in proc.stderr
