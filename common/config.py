@@ -166,6 +166,22 @@ class RulesConfig:
 
 
 @dataclass
+class CompressConfig:
+    """python -m serving.compress: the serving forms and how they are measured."""
+
+    out_dir: str | None = None
+    queries: str | None = None
+    query_log: str | None = None
+    student_layers: list[int] = field(default_factory=list)
+    distill_epochs: int = MISSING
+    distill_lr: float = MISSING
+    distill_batch_size: int = MISSING
+    distill_pairs_per_query: int = MISSING
+    latency_candidates: int = MISSING
+    latency_repeats: int = MISSING
+
+
+@dataclass
 class ServingConfig:
     """The real-time ranking service (python -m serving)."""
 
@@ -184,6 +200,7 @@ class ServingConfig:
     request_timeout: float = MISSING
     gains: dict[str, float] | None = None
     rules: RulesConfig = field(default_factory=RulesConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
 
 @dataclass
@@ -248,6 +265,11 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
         _check(getattr(v, key) > 0, f"serving.{key}", getattr(v, key), "> 0")
     _check(v.default_k <= v.max_k, "serving.default_k", v.default_k, f"<= serving.max_k ({v.max_k})")
     _check(v.request_timeout > 0, "serving.request_timeout", v.request_timeout, "> 0")
+    c = v.compress
+    for key in ("distill_epochs", "distill_batch_size", "distill_pairs_per_query", "latency_candidates",
+                "latency_repeats"):
+        _check(getattr(c, key) > 0, f"serving.compress.{key}", getattr(c, key), "> 0")
+    _check(c.distill_lr > 0, "serving.compress.distill_lr", c.distill_lr, "> 0")
     r = v.rules
     _check(r.max_per_category is None or r.max_per_category > 0, "serving.rules.max_per_category",
            r.max_per_category, "> 0 or null")

@@ -1,8 +1,10 @@
 """`python -m serving.make_catalog OUT [overrides]`: a product catalog and query log from the built-in marketplace.
 
 Writes OUT/catalog.csv (id, title, category, brand, price, stock, margin, promoted: one row per distinct
-product title, business fields drawn from a fixed seed) and OUT/queries.jsonl (the held-out test split:
-query, the catalog id of each judged product and its label), which the service and benchmarks read.
+product title, business fields drawn from a fixed seed), OUT/queries.jsonl (the held-out test split:
+query, the catalog id of each judged product and its label) and OUT/query_log.txt (the marketplace's own
+search log, one query per line: fresh queries from another seed, disjoint from every merchant's data; what
+distillation trains on).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from pathlib import Path
 from common import data as D
 from common.config import FedshopConfig, compose
 from common.errors import FedshopError
-from common.synthetic import BRANDS
+from common.synthetic import BRANDS, generate_relevance
 
 
 def write_catalog(cfg: FedshopConfig, out: Path) -> tuple[Path, Path]:
-    """Write catalog.csv and queries.jsonl under out; returns their paths."""
+    """Write catalog.csv, queries.jsonl and query_log.txt under out; returns the first two paths."""
     if cfg.data.task != "relevance":
         raise FedshopError("data.task: a catalog needs (query, product) relevance data")
     raw, _ = D.load_raw(cfg.data, cfg.seed)
@@ -51,6 +53,11 @@ def write_catalog(cfg: FedshopConfig, out: Path) -> tuple[Path, Path]:
     with queries.open("w") as f:
         for entry in judged.values():
             f.write(json.dumps(entry) + "\n")
+    s = cfg.data.synthetic
+    log_rows = generate_relevance(s.num_merchants, s.num_queries, cfg.seed + 7919, s.concentration, 0.0)
+    test_queries = {str(e["query"]) for e in judged.values()}
+    logged = [q for q in dict.fromkeys(str(r["query"]) for r in log_rows) if q not in test_queries]
+    (out / "query_log.txt").write_text("\n".join(logged) + "\n")
     return catalog, queries
 
 

@@ -285,3 +285,65 @@ def test_bad_model_dir_or_catalog_fails_fast_with_one_line(assets, tmp_path):
     proc = run_cli("serving", [f"serving.model_dir={model_a}", f"serving.catalog={bad}",
                                f"hydra.run.dir={tmp_path}/run2"], tmp_path)
     assert proc.returncode == 2 and "row 2: column 'price' must be a number" in proc.stderr
+
+
+# ---------------------------------------------------------------- compressed forms
+
+
+@pytest.fixture(scope="module")
+def teacher(assets):
+    """A tiny model trained briefly on the built-in relevance data (its scores are not uniform)."""
+    import datasets
+
+    from common import data as D
+    from common import model as M
+    from common import train as T
+    from common.config import compose
+
+    cfg = compose(["model=tiny", *CATALOG_ARGS, "train.progress=false", "train.lr=1e-3", "train.num_threads=1"])
+    fd = D.prepare(cfg)
+    tokenizer = M.load_tokenizer(cfg.model)
+    model = M.build_model(cfg.model, fd.labels, 0)
+    T.train(model, M.tokenize(datasets.concatenate_datasets(fd.train), tokenizer, 64), tokenizer, cfg.train, 2, 0)
+    out = assets[0] / "teacher"
+    M.save_final(model, tokenizer, fd.labels, out)
+    return out
+
+
+def test_int8_agrees_with_fp32_on_the_test_set(assets, teacher):
+    """Argmax agreement >= 99% and close probabilities (a briefly trained tiny model often predicts one class,
+    so the probabilities carry the check; bench/serving.py measures agreement for the MiniLM teacher)."""
+    import numpy as np
+
+    from serving.compress import load_judgements, quality
+    from serving.ranker import Ranker
+
+    catalog = load_catalog(assets[3])
+    judged = load_judgements(assets[0] / "data" / "queries.jsonl")
+    fp32, int8 = Ranker(teacher, "fp32"), Ranker(teacher, "int8")
+    _, a = quality(fp32, catalog, judged)
+    _, b = quality(int8, catalog, judged)
+    assert len(a) >= 50 and (a == b).mean() >= 0.99
+    pairs = [(e["query"], catalog.by_id[pid].title) for e in judged for pid in e["judgements"]]
+    p32 = np.concatenate([fp32.probabilities(q, [t]) for q, t in pairs])
+    p8 = np.concatenate([int8.probabilities(q, [t]) for q, t in pairs])
+    assert p32.std(axis=0).max() > 1e-4  # the scores vary across pairs
+    assert np.abs(p32 - p8).max() < 0.05
+
+
+def test_layer_dropped_student_distils_loads_and_serves(server, assets, teacher):
+    from common.config import compose
+    from serving.compress import distill, keep_layers
+    from serving.ranker import Ranker
+
+    student = keep_layers(teacher, [1], assets[0] / "student")
+    assert Ranker(student).model.config.num_hidden_layers == 1
+    pairs = [("red shoes", p.title) for p in load_catalog(assets[3]).products[:64]]
+    stats = distill(Ranker(teacher), student, pairs, compose([]).serving.compress, 0)
+    assert stats["distill_pairs"] == 64 and stats["distill_kl"] >= 0.0
+    swap = httpx.post(f"{server.url}/admin/model", json={"model_dir": str(student), "form": "int8"}, timeout=120)
+    assert swap.status_code == 200, swap.text
+    r = httpx.post(f"{server.url}/rank", json={"query": "desk lamp", "candidates": catalog_ids(assets, 10), "k": 3})
+    assert r.status_code == 200 and r.json()["model_version"] == swap.json()["model_version"]
+    assert r.json()["model_version"].endswith("-int8")
+    httpx.post(f"{server.url}/admin/model", json={"model_dir": str(assets[1]), "form": "fp32"}, timeout=120)
