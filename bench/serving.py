@@ -1,0 +1,153 @@
+"""Serving latency and throughput per model form, with ranking quality beside each.
+
+Ranks 100 catalog products per request (k=10) over HTTP on 127.0.0.1 with an async load generator
+(httpx), at concurrency 1 and 8, bounded by a request count and a time budget per setting; the forms
+come from `python -m serving.compress` on a MiniLM teacher (fp32, int8, student, student-int8) and their
+accuracy / nDCG@10 on the held-out judgements from its report.
+Usage: python bench/serving.py [--teacher MODEL_DIR] [--requests 200] [--seconds 60]
+Without --teacher, a MiniLM teacher is trained first (mode=centralized, 2 rounds x 2 epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _util import ROOT, table, write
+
+from common.env import OFFLINE
+
+CANDIDATES = 100
+
+
+def cli(module: str, args: list[str], cwd: Path) -> None:
+    """Run `python -m module args`; raise with its output on failure."""
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def load(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds: float) -> dict[str, float]:
+    """Send bodies with `concurrency` workers until all are sent or `seconds` passed; latency stats."""
+    latencies: list[float] = []
+    errors = 0
+    queue = list(reversed(bodies))
+    deadline = time.perf_counter() + seconds
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while queue and time.perf_counter() < deadline:
+            body = queue.pop()
+            t0 = time.perf_counter()
+            r = await client.post(f"{url}/rank", json=body)
+            latencies.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    ms = sorted(x * 1000 for x in latencies)
+    return {"requests": len(ms), "errors": errors, "p50_ms": statistics.median(ms),
+            "p99_ms": ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))], "requests_per_s": len(ms) / wall}
+
+
+def serve_and_measure(work: Path, model_dir: str, form: str, catalog: Path, bodies: list[dict[str, Any]],
+                      seconds: float) -> dict[str, Any]:
+    """Start python -m serving for one form, warm it, measure concurrency 1 and 8, stop it."""
+    port = free_port()
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
+    log = work / f"serve-{form}-{port}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "serving", f"serving.model_dir={model_dir}",
+                                 f"serving.form={form}", f"serving.catalog={catalog}", f"serving.port={port}",
+                                 f"serving.max_candidates={CANDIDATES}", f"hydra.run.dir={work}/serve-{port}"],
+                                cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(log.read_text()[-3000:])
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        asyncio.run(load(url, bodies[:5], 1, 60))
+        return {"c1": asyncio.run(load(url, bodies, 1, seconds)), "c8": asyncio.run(load(url, bodies, 8, seconds))}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    """Prepare data, teacher and forms; measure each form; print and write the table."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default=None)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedshop-serving-bench-"))
+    cli("serving.make_catalog", [str(work / "data")], work)
+    teacher = a.teacher
+    if teacher is None:
+        cli("simulation", ["mode=centralized", "strategy.num_rounds=2", "train.progress=false",
+                           f"hydra.run.dir={work}/teacher"], work)
+        teacher = str(work / "teacher" / "model")
+    cli("serving.compress", [f"serving.model_dir={teacher}", f"serving.catalog={work}/data/catalog.csv",
+                             f"serving.compress.queries={work}/data/queries.jsonl",
+                             f"serving.compress.query_log={work}/data/query_log.txt",
+                             f"serving.compress.out_dir={work}/compressed", f"hydra.run.dir={work}/compress"], work)
+    report = json.loads((work / "compressed" / "report.json").read_text())
+    quality = {r["form"]: r for r in report["forms"]}
+    ids = [line.split(",", 1)[0] for line in (work / "data" / "catalog.csv").read_text().splitlines()[1:]]
+    queries = [json.loads(x)["query"] for x in (work / "data" / "queries.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    bodies = [{"query": rng.choice(queries), "candidates": rng.sample(ids, CANDIDATES), "k": 10}
+              for _ in range(a.requests)]
+    forms = {"fp32": (teacher, "fp32"), "int8": (teacher, "int8"),
+             "student": (str(work / "compressed" / "student"), "fp32"),
+             "student-int8": (str(work / "compressed" / "student"), "int8")}
+    rows = []
+    for name, (model_dir, form) in forms.items():
+        m = serve_and_measure(work, model_dir, form, work / "data" / "catalog.csv", bodies, a.seconds)
+        q = quality[name]
+        rows.append({"form": name, "size_mb": q["size_mb"], "ndcg@10": q["ndcg@10"], "accuracy": q["accuracy"],
+                     "agreement": q["argmax_agreement_with_fp32"], "c1_p50_ms": m["c1"]["p50_ms"],
+                     "c1_p99_ms": m["c1"]["p99_ms"], "c1_rps": m["c1"]["requests_per_s"],
+                     "c8_p50_ms": m["c8"]["p50_ms"], "c8_p99_ms": m["c8"]["p99_ms"],
+                     "c8_rps": m["c8"]["requests_per_s"], "errors": m["c1"]["errors"] + m["c8"]["errors"]})
+    print(table(rows, list(rows[0])))
+    teacher_ndcg = rows[0]["ndcg@10"]
+    ok = [r for r in rows if teacher_ndcg - r["ndcg@10"] <= 0.02]
+    best = min(ok, key=lambda r: r["c1_p99_ms"])
+    print(f"best form within 2 nDCG points of fp32: {best['form']} (p99 {best['c1_p99_ms']:.1f} ms at concurrency 1; "
+          f"target <= 50 ms)")
+    print("written:", write("serving", {"candidates": CANDIDATES, "rows": rows, "compress_report": report,
+                                        "best_within_2_ndcg_points": best["form"]}))
+
+
+if __name__ == "__main__":
+    main()
