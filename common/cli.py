@@ -26,3 +26,17 @@ def run_guarded(cfg_raw: DictConfig, run_dir: Path, job: Callable[[FedshopConfig
         log.error("%s", exc)
         status = 2
     sys.exit(status)
+
+
+def hydra_launcher(job: Callable[[FedshopConfig, Path], int], log: logging.Logger) -> Callable[[], None]:
+    """A Hydra entry point over conf/ that runs `job` guarded (see run_guarded) in the run directory."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+
+    @hydra.main(config_path=conf, config_name="config", version_base=None)
+    def main(cfg_raw: DictConfig) -> None:
+        run_guarded(cfg_raw, Path(HydraConfig.get().runtime.output_dir).resolve(), job, log)
+
+    return main  # type: ignore[return-value]

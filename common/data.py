@@ -55,11 +55,11 @@ def _check_utf8(path: Path) -> None:
         ) from exc
 
 
-def read_file(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
-    """Read a CSV, JSON Lines or Parquet file through `datasets`, with clear errors."""
+def read_file(path: str | Path, fmt: str = "auto", field: str = "data.path") -> datasets.Dataset:
+    """Read a CSV, JSON Lines or Parquet file through `datasets`, with clear errors naming the config `field`."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FedshopError(f"data file {p}: not found (data.path)")
+        raise FedshopError(f"data file {p}: not found ({field})")
     if fmt == "auto":
         if p.suffix.lower() not in FORMATS:
             raise FedshopError(f"data file {p}: cannot tell the format from '{p.suffix}'; set data.format="
@@ -228,7 +228,7 @@ _CACHE: dict[str, FederatedData] = {}
 def load_test(cfg: FedshopConfig) -> tuple[datasets.Dataset, list[str]]:
     """The server's held-out test split: deploy.test_path when set, else the configured data's test split."""
     if cfg.deploy.test_path:
-        raw = read_file(cfg.deploy.test_path, cfg.data.format)
+        raw = read_file(cfg.deploy.test_path, cfg.data.format, "deploy.test_path")
         return normalize(raw, cfg.data, f"data file {Path(cfg.deploy.test_path).expanduser()}")
     fd = prepare(cfg)
     return fd.test, fd.labels
@@ -246,7 +246,7 @@ def prepare(cfg: FedshopConfig) -> FederatedData:
 def load_shard(path: str | Path, cfg: FedshopConfig,
                name: str) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """A merchant's own shard file, validated and split into local (train, val) as in simulation."""
-    raw = read_file(path, cfg.data.format)
+    raw = read_file(path, cfg.data.format, "deploy.shard")
     ds, labels = normalize(raw, cfg.data, f"data file {Path(path).expanduser()}")
     train, val = group_split(ds, cfg.data.val_fraction, cfg.seed, f"val:{name}")
     if len(train) == 0:

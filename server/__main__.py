@@ -14,12 +14,9 @@ from common.env import set_offline
 
 set_offline()
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
 from common import procs  # noqa: E402
-from common.cli import run_guarded  # noqa: E402
+from common.cli import hydra_launcher  # noqa: E402
 from common.config import FedshopConfig, to_json  # noqa: E402
 from common.errors import FedshopError  # noqa: E402
 
@@ -128,11 +125,5 @@ def serve(cfg: FedshopConfig, run_dir: Path) -> int:
     return 0
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
-def main(cfg_raw: DictConfig) -> None:
-    """Hydra entry point; a user-fixable error prints one line and exits with status 2."""
-    run_guarded(cfg_raw, Path(HydraConfig.get().runtime.output_dir).resolve(), serve, log)
-
-
 if __name__ == "__main__":
-    main()
+    hydra_launcher(serve, log)()

@@ -68,7 +68,7 @@ def _flag(value: Any, where: str) -> bool:
 
 def load_catalog(path: str | Path) -> Catalog:
     """Read and validate a catalog file; errors name the file, row and column."""
-    ds = read_file(path)
+    ds = read_file(path, field="serving.catalog")
     name = f"catalog {Path(path).expanduser()}"
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:

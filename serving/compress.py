@@ -231,20 +231,7 @@ def _job(cfg: FedshopConfig, run_dir: Path) -> int:
     return 0
 
 
-def main() -> None:
-    """Hydra entry point (python -m serving.compress)."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig
-
-    from common.cli import run_guarded
-
-    @hydra.main(config_path="../conf", config_name="config", version_base=None)
-    def entry(cfg_raw: DictConfig) -> None:
-        run_guarded(cfg_raw, Path(HydraConfig.get().runtime.output_dir).resolve(), _job, log)
-
-    entry()
-
-
 if __name__ == "__main__":
-    main()
+    from common.cli import hydra_launcher
+
+    hydra_launcher(_job, log)()

@@ -73,7 +73,7 @@ class Ranker:
         model.eval()
         if form == "int8":
             # Per-output-channel weight scales: 96.9% argmax agreement with fp32 on the MiniLM teacher in
-            # bench/serving.py, against 94.7% with one scale per tensor, at the same speed.
+            # bench/serve_latency.py, against 94.7% with one scale per tensor, at the same speed.
             from torch.ao.quantization import per_channel_dynamic_qconfig
 
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig},

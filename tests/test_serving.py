@@ -312,7 +312,7 @@ def teacher(assets):
 
 def test_int8_agrees_with_fp32_on_the_test_set(assets, teacher):
     """Argmax agreement >= 99% and close probabilities (a briefly trained tiny model often predicts one class,
-    so the probabilities carry the check; bench/serving.py measures agreement for the MiniLM teacher)."""
+    so the probabilities carry the check; bench/serve_latency.py measures agreement for the MiniLM teacher)."""
     import numpy as np
 
     from serving.compress import load_judgements, quality

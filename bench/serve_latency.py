@@ -4,7 +4,7 @@ Ranks 100 catalog products per request (k=10) over HTTP on 127.0.0.1 with an asy
 (httpx), at concurrency 1 and 8, bounded by a request count and a time budget per setting; the forms
 come from `python -m serving.compress` on a MiniLM teacher (fp32, int8, student, student-int8) and their
 accuracy / nDCG@10 on the held-out judgements from its report.
-Usage: python bench/serving.py [--teacher MODEL_DIR] [--requests 200] [--seconds 60]
+Usage: python bench/serve_latency.py [--teacher MODEL_DIR] [--requests 200] [--seconds 60]
 Without --teacher, a MiniLM teacher is trained first (mode=centralized, 2 rounds x 2 epochs).
 """
 
@@ -145,7 +145,7 @@ def main() -> None:
     best = min(ok, key=lambda r: r["c1_p99_ms"])
     print(f"best form within 2 nDCG points of fp32: {best['form']} (p99 {best['c1_p99_ms']:.1f} ms at concurrency 1; "
           f"target <= 50 ms)")
-    print("written:", write("serving", {"candidates": CANDIDATES, "rows": rows, "compress_report": report,
+    print("written:", write("serve_latency", {"candidates": CANDIDATES, "rows": rows, "compress_report": report,
                                         "best_within_2_ndcg_points": best["form"]}))
 
 
