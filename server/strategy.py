@@ -137,6 +137,11 @@ class RecordingStrategy(Strategy):
             if scores:
                 self.record["pre_evaluated"].append({"node": node, **scores,
                                                      "merchant-index": metrics.get("merchant-index")})
+                # Flower aggregates only replies with identical metric keys; a merchant without validation
+                # data reports fewer evaluation keys, so they leave the reply once recorded.
+                record = next(iter(msg.content.metric_records.values()))
+                for key in [k for k in record if k.startswith(EVAL_PREFIX)]:
+                    del record[key]
             valid.append(msg)
         answered = {r["node"] for r in self.record["replied"]} | {d["node"] for d in self.record["dropped"]}
         for node in self.record["sampled"]:
@@ -167,10 +172,13 @@ class RecordingStrategy(Strategy):
 
     def pre_evaluation(self) -> MetricRecord | None:
         """Weighted average of the validation metrics this round's train replies carried (None when none)."""
-        usable = [RecordDict({"m": MetricRecord({k: v for k, v in e.items() if isinstance(v, int | float)
-                                                 and k not in ("node", "merchant-index")})})
-                  for e in self.record["pre_evaluated"] if float(e.get(WEIGHT_KEY, 0)) > 0]
-        return _aggregate_metrics(usable, WEIGHT_KEY) if usable else None
+        entries = [e for e in self.record["pre_evaluated"] if float(e.get(WEIGHT_KEY, 0)) > 0]
+        if not entries:
+            return None
+        common = set.intersection(*({k for k, v in e.items() if isinstance(v, int | float)} for e in entries))
+        common -= {"node", "merchant-index"}
+        usable = [RecordDict({"m": MetricRecord({k: e[k] for k in sorted(common)})}) for e in entries]
+        return _aggregate_metrics(usable, WEIGHT_KEY)
 
     def state(self) -> dict[str, Any]:
         """Strategy state that a resume must restore (FedAdam moments); torch.save-safe."""

@@ -95,7 +95,9 @@ def test_evaluation_carried_by_train_replies_is_split_off_and_weighted_by_valida
     strategy = make_strategy()
     evals = [(0.9, 0.5, 4), (0.3, 1.0, 12), (0.6, 0.25, 0)]  # (loss, accuracy, validation examples)
     replies = [reply(i + 1, theta, {"num-examples": n, "train-loss": 1.0, "eval-loss": loss, "eval-accuracy": acc,
-                                    "eval-num-examples": nv, "merchant-index": i})
+                                    "eval-num-examples": nv, "merchant-index": i,
+                                    # as T.evaluate: no ranking metric without validation examples
+                                    **({"eval-ndcg@10": 0.5 + i / 10} if nv else {})})
                for i, ((theta, n), (loss, acc, nv)) in enumerate(zip(THETA, evals, strict=True))]
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics is not None and not any(k.startswith("eval-") for k in metrics)
@@ -105,6 +107,7 @@ def test_evaluation_carried_by_train_replies_is_split_off_and_weighted_by_valida
     assert pre is not None  # the merchant without validation examples carries no weight
     assert pre["loss"] == pytest.approx((0.9 * 4 + 0.3 * 12) / 16)
     assert pre["accuracy"] == pytest.approx((0.5 * 4 + 1.0 * 12) / 16)
+    assert pre["ndcg@10"] == pytest.approx((0.5 * 4 + 0.6 * 12) / 16)
 
 
 def test_train_replies_without_evaluation_leave_none_to_record():
