@@ -260,7 +260,7 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(cfg.deploy.executor in {"forkserver", "subprocess"}, "deploy.executor", cfg.deploy.executor,
            "forkserver|subprocess")
     v = cfg.serving
-    _check(v.form in {"fp32", "int8"}, "serving.form", v.form, "fp32|int8")
+    _check(v.form in {"fp32", "int8", "onnx", "onnx-int8"}, "serving.form", v.form, "fp32|int8|onnx|onnx-int8")
     for key in ("max_length", "retrieve_top_n", "default_k", "max_k", "max_candidates", "max_query_chars"):
         _check(getattr(v, key) > 0, f"serving.{key}", getattr(v, key), "> 0")
     _check(v.default_k <= v.max_k, "serving.default_k", v.default_k, f"<= serving.max_k ({v.max_k})")

@@ -7,12 +7,11 @@ serving.compress.query_log=FILE` writes, under serving.compress.out_dir (default
              (query, product) pairs: the marketplace's own query log x its catalog, never merchant data
   report.json and a table: size on disk, examples/s, p50/p99 latency ranking `latency_candidates`
   products, accuracy / macro-F1 / nDCG@10 and argmax agreement with the teacher, for
-  fp32, int8, pruned, student and student-int8.
+  fp32, int8 (torch), onnx-int8 (ONNX Runtime), pruned, student, student-int8 and student-onnx-int8.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -84,13 +83,6 @@ def speed(ranker: Ranker, catalog: Catalog, queries: list[str], candidates: int,
     ms = sorted(t * 1000 for t in times)
     return {"p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))],
             "examples_per_s": candidates * len(times) / sum(times)}
-
-
-def size_mb(ranker: Ranker) -> float:
-    """Serialized size of the model's weights (what a form costs on disk), MB."""
-    buf = io.BytesIO()
-    torch.save(ranker.model.state_dict(), buf)
-    return buf.tell() / 1e6
 
 
 def keep_layers(teacher_dir: Path, keep: list[int], out: Path) -> Path:
@@ -193,14 +185,16 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     distilled = distill(teacher, student_dir, pairs, c, cfg.seed)
     forms = {"fp32": teacher, "int8": Ranker(teacher_dir, "int8", v.max_length, v.gains),
              "pruned": Ranker(pruned, "fp32", v.max_length, v.gains),
+             "onnx-int8": Ranker(teacher_dir, "onnx-int8", v.max_length, v.gains),
              "student": Ranker(student_dir, "fp32", v.max_length, v.gains),
-             "student-int8": Ranker(student_dir, "int8", v.max_length, v.gains)}
+             "student-int8": Ranker(student_dir, "int8", v.max_length, v.gains),
+             "student-onnx-int8": Ranker(student_dir, "onnx-int8", v.max_length, v.gains)}
     queries = [e["query"] for e in judged]
     rows, reference = [], None
     for name, ranker in forms.items():
         scores, pred = quality(ranker, catalog, judged)
         reference = pred if reference is None else reference
-        rows.append({"form": name, "size_mb": size_mb(ranker), **speed(ranker, catalog, queries,
+        rows.append({"form": name, "size_mb": ranker.size_mb(), **speed(ranker, catalog, queries,
                                                                         c.latency_candidates, c.latency_repeats),
                      **scores, "argmax_agreement_with_fp32": float((pred == reference).mean()),
                      "model_dir": str(ranker.model_dir), "serve_with": f"serving.model_dir={ranker.model_dir} "
