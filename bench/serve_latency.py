@@ -2,7 +2,8 @@
 
 Ranks 100 catalog products per request (k=10) over HTTP on 127.0.0.1 with an async load generator
 (httpx), at concurrency 1 and 8, bounded by a request count and a time budget per setting; the forms
-come from `python -m serving.compress` on a MiniLM teacher (fp32, int8, student, student-int8) and their
+come from `python -m serving.compress` on a MiniLM teacher (fp32, torch int8, ONNX Runtime int8, and the
+distilled student in the same three forms) and their
 accuracy / nDCG@10 on the held-out judgements from its report.
 Usage: python bench/serve_latency.py [--teacher MODEL_DIR] [--requests 200] [--seconds 60]
 Without --teacher, a MiniLM teacher is trained first (mode=centralized, 2 rounds x 2 epochs).
@@ -127,9 +128,10 @@ def main() -> None:
     rng = random.Random(0)
     bodies = [{"query": rng.choice(queries), "candidates": rng.sample(ids, CANDIDATES), "k": 10}
               for _ in range(a.requests)]
-    forms = {"fp32": (teacher, "fp32"), "int8": (teacher, "int8"),
-             "student": (str(work / "compressed" / "student"), "fp32"),
-             "student-int8": (str(work / "compressed" / "student"), "int8")}
+    student = str(work / "compressed" / "student")
+    forms = {"fp32": (teacher, "fp32"), "int8": (teacher, "int8"), "onnx-int8": (teacher, "onnx-int8"),
+             "student": (student, "fp32"), "student-int8": (student, "int8"),
+             "student-onnx-int8": (student, "onnx-int8")}
     rows = []
     for name, (model_dir, form) in forms.items():
         m = serve_and_measure(work, model_dir, form, work / "data" / "catalog.csv", bodies, a.seconds)

@@ -331,6 +331,32 @@ def test_int8_agrees_with_fp32_on_the_test_set(assets, teacher):
     assert np.abs(p32 - p8).max() < 0.05
 
 
+def test_onnx_int8_form_matches_fp32_and_serves(server, assets, teacher, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from serving.compress import load_judgements, quality
+    from serving.ranker import Ranker
+
+    model_dir = Path(shutil.copytree(teacher, tmp_path / "teacher"))
+    catalog = load_catalog(assets[3])
+    judged = load_judgements(assets[0] / "data" / "queries.jsonl")
+    fp32, onnx = Ranker(model_dir, "fp32"), Ranker(model_dir, "onnx-int8")
+    assert (model_dir / "onnx" / "model.int8.onnx").is_file() and onnx.size_mb() < fp32.size_mb()
+    _, a = quality(fp32, catalog, judged)
+    _, b = quality(onnx, catalog, judged)
+    assert (a == b).mean() >= 0.99
+    q, titles = judged[0]["query"], [catalog.by_id[pid].title for pid in judged[0]["judgements"]]
+    assert np.abs(fp32.probabilities(q, titles) - onnx.probabilities(q, titles)).max() < 0.05
+    swap = httpx.post(f"{server.url}/admin/model", json={"model_dir": str(model_dir), "form": "onnx-int8"},
+                      timeout=120)
+    assert swap.status_code == 200, swap.text
+    r = httpx.post(f"{server.url}/rank", json={"query": "desk lamp", "candidates": catalog_ids(assets, 10), "k": 3})
+    assert r.status_code == 200 and r.json()["model_version"].endswith("-onnx-int8")
+    httpx.post(f"{server.url}/admin/model", json={"model_dir": str(assets[1]), "form": "fp32"}, timeout=120)
+
+
 def test_layer_dropped_student_distils_loads_and_serves(server, assets, teacher):
     from common.config import compose
     from serving.compress import distill, keep_layers
