@@ -349,6 +349,11 @@ def test_onnx_int8_form_matches_fp32_and_serves(server, assets, teacher, tmp_pat
     assert (a == b).mean() >= 0.99
     q, titles = judged[0]["query"], [catalog.by_id[pid].title for pid in judged[0]["judgements"]]
     assert np.abs(fp32.probabilities(q, titles) - onnx.probabilities(q, titles)).max() < 0.05
+    # The fp32 export computes what torch computes, on a padded batch of different lengths.
+    exported = Ranker(model_dir, "onnx")
+    mixed = ["mug", "Aurora large blue ceramic coffee mug with a lid, gift box", "a lamp for the desk"]
+    np.testing.assert_allclose(exported.probabilities("blue mug", mixed), fp32.probabilities("blue mug", mixed),
+                               atol=1e-4)
     swap = httpx.post(f"{server.url}/admin/model", json={"model_dir": str(model_dir), "form": "onnx-int8"},
                       timeout=120)
     assert swap.status_code == 200, swap.text
