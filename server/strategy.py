@@ -15,19 +15,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from client.client_app import EVAL_PREFIX
 from common.config import StrategyConfig
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
 INFO_KEYS = ("merchant-index",)
-EVAL_PREFIX = "eval-"  # client.client_app.EVAL_PREFIX
 
 
 def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Flower's weighted metric average, without the per-merchant bookkeeping keys or piggy-backed evaluation."""
+    """Flower's weighted metric average, without the per-merchant bookkeeping keys."""
     out = aggregate_metricrecords(records, weight_key)
-    for key in [k for k in out if k in INFO_KEYS or k.startswith(EVAL_PREFIX)]:
-        out.pop(key)
+    for key in INFO_KEYS:
+        out.pop(key, None)
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -177,7 +178,7 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     query_log = [q.strip() for q in log_path.read_text().splitlines() if q.strip()]
     teacher = Ranker(teacher_dir, "fp32", v.max_length, v.gains)
     pruned = keep_layers(teacher_dir, list(c.student_layers), out / "pruned")
-    student_dir = keep_layers(teacher_dir, list(c.student_layers), out / "student")
+    student_dir = Path(shutil.copytree(pruned, out / "student", dirs_exist_ok=True))
     from common.model import minilm_path
 
     encoder = Encoder(Path(v.retriever).expanduser() if v.retriever else Path(minilm_path()), v.max_length)

@@ -86,7 +86,8 @@ class Ranker:
 
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig},
                                                            dtype=torch.qint8)
-        self.model = model
+        # An ONNX form scores with its session only; the torch weights are not kept in memory beside it.
+        self.model: Any = None if self.session is not None else model
         self.version = f"{model_version(self.model_dir)}-{form}"
         self._lock = threading.Lock()
         self.score("warm-up", ["warm-up product"])
