@@ -173,6 +173,9 @@ class CompressConfig:
     queries: str | None = None
     query_log: str | None = None
     student_layers: list[int] = field(default_factory=list)
+    student_intermediate_size: int | None = None
+    int8_agreement: float = MISSING
+    calibration_pairs: int = MISSING
     distill_epochs: int = MISSING
     distill_lr: float = MISSING
     distill_batch_size: int = MISSING
@@ -187,6 +190,7 @@ class ServingConfig:
 
     model_dir: str | None = None
     form: str = MISSING
+    int8_fp32_layers: list[int] = field(default_factory=list)
     catalog: str | None = None
     host: str = MISSING
     port: int = MISSING
@@ -198,6 +202,10 @@ class ServingConfig:
     max_candidates: int = MISSING
     max_query_chars: int = MISSING
     request_timeout: float = MISSING
+    batch_max_requests: int = MISSING
+    ann_min_products: int = MISSING
+    ann_m: int = MISSING
+    ann_ef_search: int = MISSING
     gains: dict[str, float] | None = None
     rules: RulesConfig = field(default_factory=RulesConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
@@ -261,13 +269,17 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
            "forkserver|subprocess")
     v = cfg.serving
     _check(v.form in {"fp32", "int8", "onnx", "onnx-int8"}, "serving.form", v.form, "fp32|int8|onnx|onnx-int8")
-    for key in ("max_length", "retrieve_top_n", "default_k", "max_k", "max_candidates", "max_query_chars"):
+    for key in ("max_length", "retrieve_top_n", "default_k", "max_k", "max_candidates", "max_query_chars",
+                "batch_max_requests", "ann_min_products", "ann_m", "ann_ef_search"):
         _check(getattr(v, key) > 0, f"serving.{key}", getattr(v, key), "> 0")
     _check(v.default_k <= v.max_k, "serving.default_k", v.default_k, f"<= serving.max_k ({v.max_k})")
     _check(v.request_timeout > 0, "serving.request_timeout", v.request_timeout, "> 0")
     c = v.compress
+    _check(0.0 < c.int8_agreement <= 1.0, "serving.compress.int8_agreement", c.int8_agreement, "in (0, 1]")
+    _check(c.student_intermediate_size is None or c.student_intermediate_size > 0,
+           "serving.compress.student_intermediate_size", c.student_intermediate_size, "> 0 or null")
     for key in ("distill_epochs", "distill_batch_size", "distill_pairs_per_query", "latency_candidates",
-                "latency_repeats"):
+                "latency_repeats", "calibration_pairs"):
         _check(getattr(c, key) > 0, f"serving.compress.{key}", getattr(c, key), "> 0")
     _check(c.distill_lr > 0, "serving.compress.distill_lr", c.distill_lr, "> 0")
     r = v.rules

@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -19,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from common.config import ServingConfig
 from common.errors import FedshopError
+from serving.batching import MicroBatcher
 from serving.catalog import Catalog
+from serving.index import Index
 from serving.metrics import Metrics
 from serving.ranker import Encoder, Ranker
 from serving.rules import Ranked, Rules, rerank
@@ -44,6 +45,7 @@ class ModelSwap(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_dir: StrictStr
     form: StrictStr | None = None
+    int8_fp32_layers: list[StrictInt] | None = None
 
 
 class HTTPError(Exception):
@@ -52,21 +54,6 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status, self.message, self.extra = status, message, extra
-
-
-class Index:
-    """Exact top-N retrieval over the catalog's unit-norm title embeddings (a dot product per request)."""
-
-    def __init__(self, encoder: Encoder, catalog: Catalog) -> None:
-        self.encoder = encoder
-        self.vectors = encoder.encode([p.title for p in catalog.products])
-
-    def search(self, query: str, n: int) -> list[int]:
-        """Catalog positions of the n titles closest to the query."""
-        scores = self.vectors @ self.encoder.encode([query])[0]
-        n = min(n, len(scores))
-        top = np.argpartition(-scores, n - 1)[:n]
-        return sorted(top.tolist(), key=lambda i: (-float(scores[i]), i))
 
 
 class Service:
@@ -80,6 +67,7 @@ class Service:
                            max_per_category=r.max_per_category)
         self.metrics = Metrics()
         self.metrics.model_version = ranker.version
+        self.batcher = MicroBatcher(cfg.batch_max_requests, self.metrics.observe_batch)
         self.swap_lock = threading.Lock()
 
     def rank(self, req: RankRequest) -> dict[str, Any]:
@@ -114,7 +102,7 @@ class Service:
                 raise HTTPError(422, "this service has no retrieval index; pass candidates", field="candidates")
             products = [self.catalog.products[i] for i in self.index.search(query, cfg.retrieve_top_n)]
             retrieved = True
-        scores = ranker.score(query, [p.title for p in products])
+        scores = self.batcher.score(ranker, query, [p.title for p in products])
         rules = replace(self.rules,
                         price_min=_tighter(self.rules.price_min, req.price_min, max),
                         price_max=_tighter(self.rules.price_max, req.price_max, min))
@@ -122,12 +110,13 @@ class Service:
         return {"query": query, "k": k, "model_version": ranker.version, "retrieved": retrieved,
                 "results": [r.to_json(i + 1) for i, r in enumerate(top)], "filtered": filtered}
 
-    def swap(self, model_dir: str, form: str | None) -> dict[str, Any]:
+    def swap(self, model_dir: str, form: str | None, fp32_layers: list[int] | None = None) -> dict[str, Any]:
         """Load and warm a new model beside the current one, then switch; a failed load changes nothing."""
         with self.swap_lock:
             old = self.ranker
             try:
-                new = Ranker(model_dir, form or old.form, self.cfg.max_length, self.cfg.gains)
+                new = Ranker(model_dir, form or old.form, self.cfg.max_length, self.cfg.gains,
+                             old.fp32_layers if fp32_layers is None else fp32_layers)
             except FedshopError as exc:
                 raise HTTPError(422, str(exc), field="model_dir") from exc
             self.ranker = new
@@ -184,7 +173,8 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model_version": service.ranker.version, "form": service.ranker.form,
-                "catalog_size": len(service.catalog), "retrieval": service.index is not None}
+                "catalog_size": len(service.catalog),
+                "retrieval": service.index.kind if service.index is not None else None}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -192,7 +182,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/admin/model")
     async def swap(req: ModelSwap) -> dict[str, Any]:
-        return await asyncio.to_thread(service.swap, req.model_dir, req.form)
+        return await asyncio.to_thread(service.swap, req.model_dir, req.form, req.int8_fp32_layers)
 
     return app
 
@@ -207,7 +197,7 @@ def load_service(cfg: ServingConfig) -> Service:
     if not cfg.catalog:
         raise FedshopError("serving.catalog: the product catalog file is required")
     catalog = load_catalog(cfg.catalog)
-    ranker = Ranker(cfg.model_dir, cfg.form, cfg.max_length, cfg.gains)
+    ranker = Ranker(cfg.model_dir, cfg.form, cfg.max_length, cfg.gains, cfg.int8_fp32_layers)
     retriever = Path(cfg.retriever).expanduser() if cfg.retriever else Path(minilm_path())
-    index = Index(Encoder(retriever, cfg.max_length), catalog)
+    index = Index(Encoder(retriever, cfg.max_length), catalog, cfg.ann_min_products, cfg.ann_m, cfg.ann_ef_search)
     return Service(cfg, catalog, ranker, index)

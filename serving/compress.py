@@ -2,12 +2,15 @@
 
 `python -m serving.compress serving.model_dir=DIR serving.catalog=FILE serving.compress.queries=FILE
 serving.compress.query_log=FILE` writes, under serving.compress.out_dir (default <run dir>/compressed):
-  pruned/    structured pruning: the teacher with only serving.compress.student_layers kept (no training)
+  pruned/    structured pruning: the teacher with only serving.compress.student_layers kept and, with
+             serving.compress.student_intermediate_size, each feed-forward block cut to its most important
+             neurons (no training)
   student/   the same architecture distilled from the teacher's label distribution over unlabeled
              (query, product) pairs: the marketplace's own query log x its catalog, never merchant data
   report.json and a table: size on disk, examples/s, p50/p99 latency ranking `latency_candidates`
   products, accuracy / macro-F1 / nDCG@10 and argmax agreement with the teacher, for
-  fp32, int8 (torch), onnx-int8 (ONNX Runtime), pruned, student, student-int8 and student-onnx-int8.
+  fp32, int8 (torch, every layer), int8-mixed (torch, the most sensitive layers kept fp32), onnx-int8
+  (ONNX Runtime), pruned, student, student-int8, student-int8-mixed and student-onnx-int8.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from common.errors import FedshopError
 from common.metrics import classification_report
 from common.model import LABELS_FILE
 from serving.catalog import Catalog, load_catalog
-from serving.ranker import Encoder, Ranker
+from serving.ranker import Encoder, Ranker, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +89,96 @@ def speed(ranker: Ranker, catalog: Catalog, queries: list[str], candidates: int,
             "examples_per_s": candidates * len(times) / sum(times)}
 
 
+def _encoder(model: PreTrainedModel, where: Path) -> Any:
+    encoder: Any = getattr(getattr(model, model.base_model_prefix, model), "encoder", None)
+    if not isinstance(getattr(encoder, "layer", None), torch.nn.ModuleList):
+        raise FedshopError(f"{where}: structured pruning needs a BERT-style encoder.layer list")
+    return encoder
+
+
 def keep_layers(teacher_dir: Path, keep: list[int], out: Path) -> Path:
     """Structured pruning: a copy of the teacher with only encoder layers `keep` (dense, so faster on CPU)."""
     model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
-    encoder = getattr(getattr(model, model.base_model_prefix, model), "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if layers is None:
-        raise FedshopError(f"{teacher_dir}: layer dropping needs a BERT-style encoder.layer list")
+    encoder = _encoder(model, teacher_dir)
+    layers = encoder.layer
     bad = [i for i in keep if not 0 <= i < len(layers)]
     if bad or not keep:
         raise FedshopError(f"serving.compress.student_layers={keep}: the teacher has layers 0..{len(layers) - 1}")
-    encoder.layer = torch.nn.ModuleList([layers[i] for i in keep])  # type: ignore[union-attr]
+    encoder.layer = torch.nn.ModuleList([layers[i] for i in keep])
     model.config.num_hidden_layers = len(keep)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
     if (teacher_dir / LABELS_FILE).is_file():
         (out / LABELS_FILE).write_text((teacher_dir / LABELS_FILE).read_text())
     return out
+
+
+def _encode(tokenizer: Any, pairs: list[tuple[str, str]], max_length: int) -> Any:
+    return tokenizer([q for q, _ in pairs], [t for _, t in pairs], truncation=True, max_length=max_length,
+                     padding=True, return_tensors="pt")
+
+
+def prune_ffn(model_dir: Path, size: int, pairs: list[tuple[str, str]], max_length: int) -> dict[str, Any]:
+    """Structured pruning of every feed-forward block (in place on disk) to its `size` most important neurons.
+
+    A neuron's importance is its mean |activation| over the calibration pairs' tokens times the L2 norm of
+    its output weights: what removing it would change. Dense matrices stay dense, only smaller.
+    """
+    model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    layers = _encoder(model, model_dir).layer
+    width = int(model.config.intermediate_size)
+    if not 0 < size <= width:
+        raise FedshopError(f"serving.compress.student_intermediate_size={size}: the model has {width} "
+                           f"feed-forward neurons per layer")
+    enc = _encode(AutoTokenizer.from_pretrained(model_dir), pairs, max_length)
+    mask = enc["attention_mask"].bool()
+    acts: dict[int, torch.Tensor] = {}
+    hooks = [layer.intermediate.register_forward_hook(
+        lambda _m, _i, out, i=i: acts.__setitem__(i, out[mask].abs().mean(0))) for i, layer in enumerate(layers)]
+    with torch.inference_mode():
+        model(**enc)
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(layers):
+        w_in, w_out = layer.intermediate.dense, layer.output.dense
+        importance = acts[i] * w_out.weight.detach().norm(dim=0)
+        keep = importance.topk(size).indices.sort().values
+        new_in, new_out = torch.nn.Linear(w_in.in_features, size), torch.nn.Linear(size, w_out.out_features)
+        with torch.no_grad():
+            new_in.weight.copy_(w_in.weight[keep])
+            new_in.bias.copy_(w_in.bias[keep])
+            new_out.weight.copy_(w_out.weight[:, keep])
+            new_out.bias.copy_(w_out.bias)
+        layer.intermediate.dense, layer.output.dense = new_in, new_out
+    model.config.intermediate_size = size
+    model.save_pretrained(model_dir)
+    return {"intermediate_size": size, "teacher_intermediate_size": width}
+
+
+def choose_fp32_layers(model_dir: Path, pairs: list[tuple[str, str]], max_length: int, target: float) -> dict[str, Any]:
+    """The fewest encoder layers to keep fp32 so int8 agrees with fp32 on `target` of the pairs' argmax.
+
+    Greedy: each step keeps fp32 the layer that raises agreement most. Measured on the operator's
+    unlabeled pairs, never on the test set.
+    """
+    model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    n_layers = len(_encoder(model, model_dir).layer)
+    enc = _encode(AutoTokenizer.from_pretrained(model_dir), pairs, max_length)
+    with torch.inference_mode():
+        reference = model(**enc).logits.argmax(-1)
+
+    def agreement(fp32: list[int]) -> float:
+        with torch.inference_mode():
+            pred = quantize_int8(model, fp32)(**enc).logits.argmax(-1)
+        return float((pred == reference).float().mean())
+
+    chosen: list[int] = []
+    steps: list[dict[str, Any]] = [{"fp32_layers": [], "agreement": agreement([])}]
+    while steps[-1]["agreement"] < target and len(chosen) < n_layers:
+        best = max((agreement(sorted([*chosen, i])), i) for i in range(n_layers) if i not in chosen)
+        chosen = sorted([*chosen, best[1]])
+        steps.append({"fp32_layers": chosen, "agreement": best[0]})
+    return {"fp32_layers": chosen, "search": steps}
 
 
 def unlabeled_pairs(catalog: Catalog, query_log: list[str], encoder: Encoder, per_query: int,
@@ -177,19 +253,28 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
         raise FedshopError(f"serving.compress.query_log={log_path}: not found")
     query_log = [q.strip() for q in log_path.read_text().splitlines() if q.strip()]
     teacher = Ranker(teacher_dir, "fp32", v.max_length, v.gains)
-    pruned = keep_layers(teacher_dir, list(c.student_layers), out / "pruned")
-    student_dir = Path(shutil.copytree(pruned, out / "student", dirs_exist_ok=True))
     from common.model import minilm_path
 
     encoder = Encoder(Path(v.retriever).expanduser() if v.retriever else Path(minilm_path()), v.max_length)
     pairs = unlabeled_pairs(catalog, query_log, encoder, c.distill_pairs_per_query, cfg.seed)
+    calibration = random.Random(cfg.seed).sample(pairs, min(c.calibration_pairs, len(pairs)))
+    pruned = keep_layers(teacher_dir, list(c.student_layers), out / "pruned")
+    narrowed = (prune_ffn(pruned, c.student_intermediate_size, calibration, v.max_length)
+                if c.student_intermediate_size else {})
+    student_dir = Path(shutil.copytree(pruned, out / "student", dirs_exist_ok=True))
     distilled = distill(teacher, student_dir, pairs, c, cfg.seed)
-    forms = {"fp32": teacher, "int8": Ranker(teacher_dir, "int8", v.max_length, v.gains),
-             "pruned": Ranker(pruned, "fp32", v.max_length, v.gains),
-             "onnx-int8": Ranker(teacher_dir, "onnx-int8", v.max_length, v.gains),
-             "student": Ranker(student_dir, "fp32", v.max_length, v.gains),
-             "student-int8": Ranker(student_dir, "int8", v.max_length, v.gains),
-             "student-onnx-int8": Ranker(student_dir, "onnx-int8", v.max_length, v.gains)}
+    mixed = {name: choose_fp32_layers(d, calibration, v.max_length, c.int8_agreement)
+             for name, d in (("teacher", teacher_dir), ("student", student_dir))}
+    t8, s8 = mixed["teacher"]["fp32_layers"], mixed["student"]["fp32_layers"]
+
+    def form(model_dir: Path, kind: str, fp32_layers: list[int] | None = None) -> Ranker:
+        return Ranker(model_dir, kind, v.max_length, v.gains, fp32_layers or [])
+
+    forms = {"fp32": teacher, "int8": form(teacher_dir, "int8"), "int8-mixed": form(teacher_dir, "int8", t8),
+             "onnx-int8": form(teacher_dir, "onnx-int8"), "pruned": form(pruned, "fp32"),
+             "student": form(student_dir, "fp32"), "student-int8": form(student_dir, "int8"),
+             "student-int8-mixed": form(student_dir, "int8", s8),
+             "student-onnx-int8": form(student_dir, "onnx-int8")}
     queries = [e["query"] for e in judged]
     rows, reference = [], None
     for name, ranker in forms.items():
@@ -198,10 +283,13 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
         rows.append({"form": name, "size_mb": ranker.size_mb(), **speed(ranker, catalog, queries,
                                                                         c.latency_candidates, c.latency_repeats),
                      **scores, "argmax_agreement_with_fp32": float((pred == reference).mean()),
-                     "model_dir": str(ranker.model_dir), "serve_with": f"serving.model_dir={ranker.model_dir} "
-                                                                       f"serving.form={ranker.form}"})
+                     "model_dir": str(ranker.model_dir), "int8_fp32_layers": ranker.fp32_layers,
+                     "serve_with": f"serving.model_dir={ranker.model_dir} serving.form={ranker.form}"
+                                   + (f" serving.int8_fp32_layers=[{','.join(map(str, ranker.fp32_layers))}]"
+                                      if ranker.fp32_layers else "")})
     report = {"teacher": str(teacher_dir), "judged_pairs": int(len(reference if reference is not None else [])),
-              "judged_queries": len(judged), "layers_kept": list(c.student_layers), **distilled, "forms": rows}
+              "judged_queries": len(judged), "layers_kept": list(c.student_layers), **narrowed, **distilled,
+              "int8_layer_search": mixed, "calibration_pairs": len(calibration), "forms": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

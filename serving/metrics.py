@@ -19,6 +19,8 @@ class Metrics:
         self.total: dict[str, float] = defaultdict(float)
         self.model_version = ""
         self.model_swaps = 0
+        self.batches = 0
+        self.batched_requests = 0
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one finished request and its latency."""
@@ -30,6 +32,12 @@ class Metrics:
             for i, bound in enumerate(BUCKETS):
                 if seconds <= bound:
                     row[i] += 1
+
+    def observe_batch(self, requests: int) -> None:
+        """Count one forward pass that scored `requests` requests together."""
+        with self._lock:
+            self.batches += 1
+            self.batched_requests += requests
 
     def render(self) -> str:
         """Prometheus text format 0.0.4."""
@@ -57,5 +65,10 @@ class Metrics:
             lines += ["# HELP fedshop_model_info The model being served.", "# TYPE fedshop_model_info gauge",
                       f'fedshop_model_info{{version="{self.model_version}"}} 1',
                       "# HELP fedshop_model_swaps_total Models swapped in since start.",
-                      "# TYPE fedshop_model_swaps_total counter", f"fedshop_model_swaps_total {self.model_swaps}"]
+                      "# TYPE fedshop_model_swaps_total counter", f"fedshop_model_swaps_total {self.model_swaps}",
+                      "# HELP fedshop_score_batches_total Forward passes run by the micro-batcher.",
+                      "# TYPE fedshop_score_batches_total counter", f"fedshop_score_batches_total {self.batches}",
+                      "# HELP fedshop_batched_requests_total Requests scored by those passes.",
+                      "# TYPE fedshop_batched_requests_total counter",
+                      f"fedshop_batched_requests_total {self.batched_requests}"]
         return "\n".join(lines) + "\n"

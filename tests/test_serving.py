@@ -188,6 +188,7 @@ def test_rank_retrieves_from_the_catalog_without_candidates(server):
     r = httpx.post(f"{server.url}/rank", json={"query": "wireless headphones", "k": 5})
     assert r.status_code == 200, r.text
     assert r.json()["retrieved"] is True and len(r.json()["results"]) == 5
+    assert httpx.get(f"{server.url}/healthz").json()["retrieval"] == "exact"  # a small catalog: exact top-N
 
 
 def test_request_price_range_filters(server, assets):
@@ -237,6 +238,7 @@ def test_metrics_count_requests_and_errors(server):
     assert value(text, bad) == value(before, bad) + 1
     assert 'fedshop_request_seconds_bucket{endpoint="/rank",le="+Inf"}' in text
     assert "fedshop_model_info{version=" in text
+    assert value(text, "fedshop_batched_requests_total") >= value(before, "fedshop_batched_requests_total") + 1
 
 
 def test_model_swap_under_concurrent_requests_loses_none(server, assets):
@@ -269,6 +271,9 @@ def test_model_swap_under_concurrent_requests_loses_none(server, assets):
     assert new != old and httpx.get(f"{server.url}/healthz").json()["model_version"] == new
     assert statuses and set(statuses) == {200}, statuses
     assert {old, new} <= versions
+    counters = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(f"{server.url}/metrics").text
+                .splitlines() if line.startswith(("fedshop_score_batches_total", "fedshop_batched_requests_total"))}
+    assert counters["fedshop_batched_requests_total"] > counters["fedshop_score_batches_total"]  # 4 clients: shared
     bad = httpx.post(f"{server.url}/admin/model", json={"model_dir": str(assets[0] / "missing")})
     assert bad.status_code == 422 and "not a Hugging Face model directory" in bad.json()["error"]
     assert httpx.get(f"{server.url}/healthz").json()["model_version"] == new
@@ -378,3 +383,122 @@ def test_layer_dropped_student_distils_loads_and_serves(server, assets, teacher)
     assert r.status_code == 200 and r.json()["model_version"] == swap.json()["model_version"]
     assert r.json()["model_version"].endswith("-int8")
     httpx.post(f"{server.url}/admin/model", json={"model_dir": str(assets[1]), "form": "fp32"}, timeout=120)
+
+
+def test_int8_mixed_keeps_the_chosen_layers_fp32_and_reaches_the_agreement_target(assets, teacher, tmp_path):
+    import shutil
+
+    import torch
+
+    from serving.compress import choose_fp32_layers, unlabeled_pairs
+    from serving.ranker import Encoder, Ranker
+
+    catalog = load_catalog(assets[3])
+    queries = (assets[0] / "data" / "query_log.txt").read_text().split("\n")[:20]
+    from common.model import minilm_path
+
+    pairs = unlabeled_pairs(catalog, [q for q in queries if q], Encoder(minilm_path()), 8, 0)
+    found = choose_fp32_layers(teacher, pairs, 64, 1.0)
+    last = found["search"][-1]
+    assert last["fp32_layers"] == found["fp32_layers"]
+    assert last["agreement"] >= 1.0 or len(found["fp32_layers"]) == Ranker(teacher).model.config.num_hidden_layers
+    mixed = Ranker(teacher, "int8", fp32_layers=[0])
+    fp32 = {n: type(m) is torch.nn.Linear for n, m in mixed.model.named_modules() if n.endswith(("dense", "query"))}
+    assert [n for n, kept in fp32.items() if kept] == [n for n in fp32 if ".layer.0." in n] != []
+    assert mixed.version.endswith("-int8-fp32layers0")
+    with pytest.raises(FedshopError, match="int8_fp32_layers"):
+        Ranker(teacher, "int8", fp32_layers=[7])
+    # ONNX Runtime: the chosen layers' nodes are left fp32 (a separate, larger file).
+    model_dir = Path(shutil.copytree(teacher, tmp_path / "teacher"))
+    whole, part = Ranker(model_dir, "onnx-int8"), Ranker(model_dir, "onnx-int8", fp32_layers=[0])
+    assert part.onnx_path.name == "model.int8-fp32_0.onnx" and part.size_mb() > whole.size_mb()
+    q, titles = "desk lamp", [p.title for p in catalog.products[:8]]
+    assert torch.allclose(torch.tensor(part.probabilities(q, titles)),
+                          torch.tensor(Ranker(model_dir, "fp32").probabilities(q, titles)), atol=0.05)
+
+
+def test_ffn_pruning_is_structured_and_exact_at_full_width(assets, teacher, tmp_path):
+    import numpy as np
+
+    from serving.compress import keep_layers, prune_ffn
+    from serving.ranker import Ranker
+
+    pairs = [("red shoes", p.title) for p in load_catalog(assets[3]).products[:32]]
+    full = Ranker(teacher).model.config.intermediate_size
+    same = keep_layers(teacher, [0, 1], tmp_path / "same")
+    prune_ffn(same, full, pairs, 64)  # keeping every neuron (reordered by index) changes nothing
+    titles = [t for _, t in pairs]
+    np.testing.assert_allclose(Ranker(same).probabilities("red shoes", titles),
+                               Ranker(teacher).probabilities("red shoes", titles), atol=1e-5)
+    half = keep_layers(teacher, [0, 1], tmp_path / "half")
+    assert prune_ffn(half, full // 2, pairs, 64) == {"intermediate_size": full // 2, "teacher_intermediate_size": full}
+    narrow = Ranker(half)
+    assert narrow.model.config.intermediate_size == full // 2
+    assert narrow.model.bert.encoder.layer[0].intermediate.dense.weight.shape[0] == full // 2
+    assert narrow.size_mb() < Ranker(teacher).size_mb()
+    with pytest.raises(FedshopError, match="student_intermediate_size"):
+        prune_ffn(half, full, pairs, 64)
+
+
+class _BlockingRanker:
+    """Stands in for a Ranker: score_many waits until released, and records each batch it got."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.batches: list[list[str]] = []
+
+    def score_many(self, requests):
+        import numpy as np
+
+        self.release.wait(10)
+        self.batches.append([q for q, _ in requests])
+        if any(q == "boom" for q, _ in requests):
+            raise RuntimeError("scoring failed")
+        return [np.full(len(titles), float(len(q))) for q, titles in requests]
+
+    def score(self, query, titles):
+        return self.score_many([(query, titles)])[0]
+
+
+def test_micro_batcher_scores_queued_requests_together_and_keeps_them_apart():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.batching import MicroBatcher
+
+    ranker, sizes = _BlockingRanker(), []
+    batcher = MicroBatcher(4, sizes.append)
+    queries = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(batcher.score, ranker, q, ["t"] * (i + 1)) for i, q in enumerate(queries)]
+        time.sleep(0.3)  # the first request is being scored; the other five queue behind it
+        ranker.release.set()
+        results = [f.result(timeout=10) for f in futures]
+    for q, (i, r) in zip(queries, enumerate(results), strict=True):
+        assert r.tolist() == [float(len(q))] * (i + 1)  # every request gets its own scores back
+    assert sorted(sizes, reverse=True)[0] == 4 and sum(sizes) == 6  # at most max_requests per pass
+    other = _BlockingRanker()
+    other.release.set()
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        batcher.score(other, "boom", ["t"])
+    assert batcher.score(other, "fine", ["t"]).tolist() == [4.0]  # the thread survived the error
+    off = MicroBatcher(1)
+    assert off.score(other, "xy", ["t", "u"]).tolist() == [2.0, 2.0]
+
+
+def test_hnsw_index_finds_what_exact_search_finds():
+    import numpy as np
+
+    from serving.index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((200, 64))
+    vectors = centers[rng.integers(0, 200, 20_000)] + 0.1 * rng.standard_normal((20_000, 64))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    queries = vectors[rng.integers(0, 20_000, 50)] + 0.05 * rng.standard_normal((50, 64))
+    exact, hnsw = VectorIndex(vectors, ann_min=20_001), VectorIndex(vectors, ann_min=20_000, m=16, ef_search=128)
+    assert (exact.kind, hnsw.kind) == ("exact", "hnsw")
+    q = queries[0].astype(np.float32)
+    assert exact.search(q, 5) == np.argsort(-(vectors @ q), kind="stable")[:5].tolist()
+    recall = np.mean([len(set(exact.search(x, 100)) & set(hnsw.search(x, 100))) / 100 for x in queries])
+    assert recall >= 0.95
+    assert exact.search(q, 0) == [] and len(exact.search(q, 10 ** 6)) == 20_000
