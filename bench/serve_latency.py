@@ -2,9 +2,9 @@
 
 Ranks 100 catalog products per request (k=10) over HTTP on 127.0.0.1 with an async load generator
 (httpx), at concurrency 1 and 8, bounded by a request count and a time budget per setting; the forms
-come from `python -m serving.compress` on a MiniLM teacher (fp32, torch int8, ONNX Runtime int8, and the
-distilled student in the same three forms) and their
-accuracy / nDCG@10 on the held-out judgements from its report.
+come from `python -m serving.compress` on a MiniLM teacher (every form of its report but the undistilled
+pruned model) with their accuracy / nDCG@10 on the held-out judgements. The best form within 2 nDCG points
+of the teacher is then measured again with micro-batching off, for the throughput ratio at concurrency 8.
 Usage: python bench/serve_latency.py [--teacher MODEL_DIR] [--requests 200] [--seconds 60]
 Without --teacher, a MiniLM teacher is trained first (mode=centralized, 2 rounds x 2 epochs).
 """
@@ -74,16 +74,19 @@ async def load(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds
             "p99_ms": ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))], "requests_per_s": len(ms) / wall}
 
 
-def serve_and_measure(work: Path, model_dir: str, form: str, catalog: Path, bodies: list[dict[str, Any]],
-                      seconds: float) -> dict[str, Any]:
-    """Start python -m serving for one form, warm it, measure concurrency 1 and 8, stop it."""
+def serve_and_measure(work: Path, row: dict[str, Any], catalog: Path, bodies: list[dict[str, Any]],
+                      seconds: float, batch: int = 8) -> dict[str, Any]:
+    """Start python -m serving for one form of the report, warm it, measure concurrency 1 and 8, stop it."""
     port = free_port()
     env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
-    log = work / f"serve-{form}-{port}.log"
+    log = work / f"serve-{row['form']}-{port}.log"
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "serving", f"serving.model_dir={model_dir}",
-                                 f"serving.form={form}", f"serving.catalog={catalog}", f"serving.port={port}",
-                                 f"serving.max_candidates={CANDIDATES}", f"hydra.run.dir={work}/serve-{port}"],
+        layers = ",".join(map(str, row["int8_fp32_layers"]))
+        proc = subprocess.Popen([sys.executable, "-m", "serving", f"serving.model_dir={row['model_dir']}",
+                                 f"serving.form={row['serve_form']}", f"serving.int8_fp32_layers=[{layers}]",
+                                 f"serving.catalog={catalog}", f"serving.port={port}",
+                                 f"serving.batch_max_requests={batch}", f"serving.max_candidates={CANDIDATES}",
+                                 f"hydra.run.dir={work}/serve-{port}"],
                                 cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -122,33 +125,40 @@ def main() -> None:
                              f"serving.compress.query_log={work}/data/query_log.txt",
                              f"serving.compress.out_dir={work}/compressed", f"hydra.run.dir={work}/compress"], work)
     report = json.loads((work / "compressed" / "report.json").read_text())
-    quality = {r["form"]: r for r in report["forms"]}
     ids = [line.split(",", 1)[0] for line in (work / "data" / "catalog.csv").read_text().splitlines()[1:]]
     queries = [json.loads(x)["query"] for x in (work / "data" / "queries.jsonl").read_text().splitlines()]
     rng = random.Random(0)
     bodies = [{"query": rng.choice(queries), "candidates": rng.sample(ids, CANDIDATES), "k": 10}
               for _ in range(a.requests)]
-    student = str(work / "compressed" / "student")
-    forms = {"fp32": (teacher, "fp32"), "int8": (teacher, "int8"), "onnx-int8": (teacher, "onnx-int8"),
-             "student": (student, "fp32"), "student-int8": (student, "int8"),
-             "student-onnx-int8": (student, "onnx-int8")}
     rows = []
-    for name, (model_dir, form) in forms.items():
-        m = serve_and_measure(work, model_dir, form, work / "data" / "catalog.csv", bodies, a.seconds)
-        q = quality[name]
-        rows.append({"form": name, "size_mb": q["size_mb"], "ndcg@10": q["ndcg@10"], "accuracy": q["accuracy"],
-                     "agreement": q["argmax_agreement_with_fp32"], "c1_p50_ms": m["c1"]["p50_ms"],
-                     "c1_p99_ms": m["c1"]["p99_ms"], "c1_rps": m["c1"]["requests_per_s"],
-                     "c8_p50_ms": m["c8"]["p50_ms"], "c8_p99_ms": m["c8"]["p99_ms"],
-                     "c8_rps": m["c8"]["requests_per_s"], "errors": m["c1"]["errors"] + m["c8"]["errors"]})
+    for q in report["forms"]:
+        if q["form"] == "pruned":  # structure only, before distillation: not a serving candidate
+            continue
+        m = serve_and_measure(work, q, work / "data" / "catalog.csv", bodies, a.seconds)
+        rows.append({"form": q["form"], "size_mb": q["size_mb"], "ndcg@10": q["ndcg@10"], "accuracy": q["accuracy"],
+                     "agreement": q["argmax_agreement_with_fp32"], **flat(m)})
     print(table(rows, list(rows[0])))
     teacher_ndcg = rows[0]["ndcg@10"]
     ok = [r for r in rows if teacher_ndcg - r["ndcg@10"] <= 0.02]
     best = min(ok, key=lambda r: r["c1_p99_ms"])
     print(f"best form within 2 nDCG points of fp32: {best['form']} (p99 {best['c1_p99_ms']:.1f} ms at concurrency 1; "
           f"target <= 50 ms)")
+    unbatched = flat(serve_and_measure(work, next(q for q in report["forms"] if q["form"] == best["form"]),
+                                       work / "data" / "catalog.csv", bodies, a.seconds, batch=1))
+    batching = {"form": best["form"], "batched_c8_rps": best["c8_rps"], "unbatched_c8_rps": unbatched["c8_rps"],
+                "batched_c8_p99_ms": best["c8_p99_ms"], "unbatched_c8_p99_ms": unbatched["c8_p99_ms"],
+                "throughput_ratio": best["c8_rps"] / unbatched["c8_rps"]}
+    print("micro-batching at concurrency 8 (serving.batch_max_requests=8 vs 1):")
+    print(table([batching], list(batching)))
     print("written:", write("serve_latency", {"candidates": CANDIDATES, "rows": rows, "compress_report": report,
-                                        "best_within_2_ndcg_points": best["form"]}))
+                                        "best_within_2_ndcg_points": best["form"], "micro_batching": batching}))
+
+
+def flat(m: dict[str, Any]) -> dict[str, Any]:
+    """c1_/c8_ prefixed latency and throughput figures of one measurement."""
+    return {f"{c}_{k}": m[c][key] for c in ("c1", "c8") for k, key in
+            (("p50_ms", "p50_ms"), ("p99_ms", "p99_ms"), ("rps", "requests_per_s"))} | {
+        "errors": m["c1"]["errors"] + m["c8"]["errors"]}
 
 
 if __name__ == "__main__":

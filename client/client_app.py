@@ -11,8 +11,11 @@ import datasets
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from common import attacks
 from common import data as D
 from common import model as M
 from common import train as T
@@ -91,13 +94,23 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
     """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run."""
     app = ClientApp()
 
+    def privacy(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        """privacy=client: Flower's fixedclipping_mod; privacy=local: Flower's LocalDpMod; else nothing."""
+        p = (fixed_cfg or from_run_config(dict(context.run_config))).privacy
+        if p.name == "client":
+            return fixedclipping_mod(msg, context, call_next)
+        if p.name == "local":
+            return LocalDpMod(p.clipping_norm, p.clipping_norm, p.local_epsilon, p.local_delta)(msg, context,
+                                                                                                call_next)
+        return call_next(msg, context)
+
     def setup(msg: Message, context: Context) -> tuple[FedshopConfig, Merchant, int]:
         cfg = fixed_cfg or from_run_config(dict(context.run_config))
         merchant = load_merchant(cfg, dict(context.node_config))
         M.set_weights(merchant.model, from_arrays(msg.content.array_records["arrays"]))
         return cfg, merchant, int(str(msg.content.config_records["config"]["server-round"]))
 
-    @app.train()
+    @app.train(mods=[privacy])
     def train(msg: Message, context: Context) -> Message:
         cfg, merchant, rnd = setup(msg, context)
         config = msg.content.config_records["config"]
@@ -110,7 +123,11 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
         seed = cfg.seed * 1_000_003 + rnd * 1009 + merchant.index
         metrics = T.train(merchant.model, merchant.train, merchant.tokenizer, cfg.train, cfg.train.local_epochs,
                           seed, proximal_mu=mu, desc=f"{merchant.name} round {rnd}")
-        reply = RecordDict({"arrays": to_arrays(M.get_weights(merchant.model)),
+        weights = M.get_weights(merchant.model)
+        if merchant.index in cfg.simulation.attackers:  # robustness tests only
+            received = from_arrays(msg.content.array_records["arrays"])
+            weights = attacks.poison(weights, received, cfg.simulation.attack, cfg.simulation.attack_scale)
+        reply = RecordDict({"arrays": to_arrays(weights),
                             "metrics": MetricRecord({**metrics, **evaluated, "merchant-index": merchant.index})})
         return Message(content=reply, reply_to=msg)
 

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.attacks import ATTACKS
 from common.errors import FedshopError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -100,7 +101,7 @@ class TrainConfig:
 class StrategyConfig:
     """Server aggregation strategy and round schedule."""
 
-    name: str = MISSING  # fedavg | fedprox | fedadam
+    name: str = MISSING  # one of STRATEGIES
     num_rounds: int = MISSING
     fraction_train: float = MISSING
     fraction_evaluate: float = MISSING
@@ -117,6 +118,27 @@ class StrategyConfig:
     beta_1: float | None = None
     beta_2: float | None = None
     tau: float | None = None
+    max_update_norm: float | None = None
+    beta: float | None = None
+    num_malicious_nodes: int | None = None
+    num_nodes_to_select: int | None = None
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy preset (conf/privacy): clipping, noise, accounting and an epsilon budget."""
+
+    name: str = MISSING  # none | central | central_adaptive | client | local
+    clipping_norm: float = MISSING
+    noise_multiplier: float = MISSING
+    delta: float = MISSING
+    target_epsilon: float | None = None
+    population: int | None = None
+    target_clipped_quantile: float = MISSING
+    clip_norm_lr: float = MISSING
+    clipped_count_stddev: float | None = None
+    local_epsilon: float = MISSING
+    local_delta: float = MISSING
 
 
 @dataclass
@@ -126,6 +148,9 @@ class SimulationConfig:
     num_merchants: int = MISSING
     client_cpus: float = MISSING
     client_gpus: float = MISSING
+    attackers: list[int] = field(default_factory=list)
+    attack: str = MISSING
+    attack_scale: float = MISSING
 
 
 @dataclass
@@ -222,9 +247,14 @@ class FedshopConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+PRIVACY = ("none", "central", "central_adaptive", "client", "local")
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -258,7 +288,31 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(t.lr > 0, "train.lr", t.lr, "> 0")
     _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", t.warmup_ratio, "a fraction in [0, 1)")
     _check(t.device in {"auto", "cpu", "cuda"}, "train.device", t.device, "auto|cpu|cuda")
-    _check(s.name in {"fedavg", "fedprox", "fedadam"}, "strategy.name", s.name, "fedavg|fedprox|fedadam")
+    _check(s.name in STRATEGIES, "strategy.name", s.name, "|".join(STRATEGIES))
+    _check(s.max_update_norm is None or s.max_update_norm > 0, "strategy.max_update_norm", s.max_update_norm,
+           "> 0 or null")
+    _check(s.beta is None or 0.0 <= s.beta < 0.5, "strategy.beta", s.beta, "a fraction in [0, 0.5)")
+    _check(s.num_malicious_nodes is None or s.num_malicious_nodes >= 0, "strategy.num_malicious_nodes",
+           s.num_malicious_nodes, ">= 0")
+    _check(s.num_nodes_to_select is None or s.num_nodes_to_select >= 1, "strategy.num_nodes_to_select",
+           s.num_nodes_to_select, ">= 1")
+    dp = cfg.privacy
+    _check(dp.name in PRIVACY, "privacy.name", dp.name, "|".join(PRIVACY))
+    _check(dp.clipping_norm > 0, "privacy.clipping_norm", dp.clipping_norm, "> 0")
+    _check(dp.noise_multiplier > 0, "privacy.noise_multiplier", dp.noise_multiplier, "> 0")
+    _check(0.0 < dp.delta < 1.0, "privacy.delta", dp.delta, "in (0, 1)")
+    _check(dp.target_epsilon is None or dp.target_epsilon > 0, "privacy.target_epsilon", dp.target_epsilon,
+           "> 0 or null")
+    _check(dp.population is None or dp.population > 0, "privacy.population", dp.population, "> 0 or null")
+    _check(0.0 <= dp.target_clipped_quantile <= 1.0, "privacy.target_clipped_quantile",
+           dp.target_clipped_quantile, "in [0, 1]")
+    _check(dp.clip_norm_lr > 0, "privacy.clip_norm_lr", dp.clip_norm_lr, "> 0")
+    _check(dp.local_epsilon > 0, "privacy.local_epsilon", dp.local_epsilon, "> 0")
+    _check(0.0 < dp.local_delta < 1.0, "privacy.local_delta", dp.local_delta, "in (0, 1)")
+    _check(dp.name == "none" or s.name in {"fedavg", "fedprox"}, "strategy.name", s.name,
+           f"fedavg or fedprox with privacy={dp.name} (its noise is calibrated to a mean of clipped updates)")
+    sim = cfg.simulation
+    _check(sim.attack in ATTACKS, "simulation.attack", sim.attack, "|".join(ATTACKS))
     _check(s.num_rounds > 0, "strategy.num_rounds", s.num_rounds, "> 0")
     _check(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train", s.fraction_train, "a fraction in (0, 1]")
     _check(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction_evaluate", s.fraction_evaluate, "in [0, 1]")
@@ -289,6 +343,8 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
            r.price_min, f"<= serving.rules.price_max ({r.price_max})")
     k = cfg.simulation.num_merchants
     _check(k > 0, "simulation.num_merchants", k, "> 0")
+    _check(all(0 <= a < k for a in cfg.simulation.attackers), "simulation.attackers", cfg.simulation.attackers,
+           f"partition ids in 0..{k - 1}")
     _check(s.min_available_nodes <= k, "strategy.min_available_nodes", s.min_available_nodes,
            f"<= simulation.num_merchants ({k})")
     _check(s.min_train_nodes <= k, "strategy.min_train_nodes", s.min_train_nodes,

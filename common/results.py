@@ -71,6 +71,8 @@ def summary_line(record: dict[str, Any]) -> str:
             parts.append(f"{name} {s[key]:.3f}")
     if "train" in record and record["train"] and "train-loss" in record["train"]:
         parts.append(f"train-loss {record['train']['train-loss']:.4f}")
+    if record.get("privacy"):
+        parts.append(f"epsilon {record['privacy']['epsilon']:.3f} (delta {record['privacy']['delta']:g})")
     parts.append(f"{record.get('seconds', 0.0):.1f}s")
     return " | ".join(parts)
 

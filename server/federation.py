@@ -23,9 +23,20 @@ from common import train as T
 from common.config import FedshopConfig, training_json
 from common.results import RunLog
 from server.grid import MerchantGrid
-from server.strategy import RecordingStrategy, build_strategy
+from server.privacy import UNIFORM_KEY, make_private
+from server.strategy import WEIGHT_KEY, RecordingStrategy, build_strategy
 
 log = logging.getLogger(__name__)
+
+
+def connected_merchants(grid: Grid, cfg: FedshopConfig) -> int:
+    """Merchants connected once strategy.min_available_nodes are (or round_timeout passed): the DP population."""
+    deadline = time.time() + cfg.strategy.round_timeout
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n >= cfg.strategy.min_available_nodes or time.time() > deadline:
+            return max(n, 1)
+        time.sleep(1.0)
 
 
 def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
@@ -38,8 +49,12 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     model = M.build_model(cfg.model, labels, cfg.seed)
     test = M.tokenize(test_raw, tokenizer, cfg.train.max_length)
     gains = D.label_gains(cfg.data, labels)
-    strategy = RecordingStrategy(build_strategy(cfg.strategy), cfg.strategy.min_replies)
     grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval)
+    private = cfg.privacy.name != "none"
+    inner = build_strategy(cfg.strategy, UNIFORM_KEY if private else WEIGHT_KEY)
+    population = (cfg.privacy.population or connected_merchants(grid, cfg)) if private else 0
+    strategy = RecordingStrategy(make_private(inner, cfg.privacy, cfg.strategy, population),
+                                 cfg.strategy.min_replies, cfg.strategy.max_update_norm)
     ckpt_dir = run_dir / "checkpoints"
     meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": labels, "test_examples": len(test),
             "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}
@@ -74,7 +89,16 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     def merchant(node: int) -> str:
         return grid.names.get(node, f"node {node}")
 
+    stopped: dict[str, Any] | None = None
     for rnd in range(start, cfg.strategy.num_rounds + 1):
+        if strategy.budget_exhausted():
+            so_far = strategy.privacy_spent() or {}
+            stopped = {"reason": "privacy budget", "before_round": rnd, "epsilon_spent": so_far.get("epsilon"),
+                       "target_epsilon": cfg.privacy.target_epsilon, "delta": cfg.privacy.delta}
+            log.warning("stopping before round %d: it would spend more than privacy.target_epsilon=%g "
+                        "(spent so far: epsilon=%.4f at delta=%g)", rnd, cfg.privacy.target_epsilon,
+                        so_far.get("epsilon", 0.0), cfg.privacy.delta)
+            break
         t0 = time.time()
         attempts = []
         train_config = ConfigRecord({EVALUATE_FIRST: 1} if piggyback else {})
@@ -116,12 +140,18 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
                   "seconds": time.time() - t0}
         if len(attempts) > 1:
             record["earlier_attempts"] = attempts[:-1]
+        spent = strategy.privacy_spent()
+        if spent is not None:
+            record["privacy"] = spent
         runlog.add(record)
         runlog.write(merchants=sorted(set(grid.names.values())))
         save_checkpoint(rnd, weights)
     M.set_weights(model, weights)
     M.save_final(model, tokenizer, labels, run_dir / "model")
     final = runlog.rounds[-1]["server"]
-    runlog.write(status="completed", final=final)
+    extra: dict[str, Any] = {"privacy": strategy.privacy_spent()} if private else {}
+    if stopped is not None:
+        extra["stopped"] = stopped
+    runlog.write(status="stopped_privacy_budget" if stopped else "completed", final=final, **extra)
     runlog.close()
     return dict(final)

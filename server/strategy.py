@@ -12,15 +12,25 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from client.client_app import EVAL_PREFIX
 from common.config import StrategyConfig
+from server.privacy import UNIFORM_KEY
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
-INFO_KEYS = ("merchant-index",)
+INFO_KEYS = ("merchant-index", UNIFORM_KEY)
 
 
 def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -36,13 +46,22 @@ def split_evaluation(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k[len(EVAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(EVAL_PREFIX)}
 
 
-def build_strategy(cfg: StrategyConfig) -> FedAvg:
-    """Flower's strategy for strategy.name, weighted by each merchant's number of training examples."""
+def build_strategy(cfg: StrategyConfig, weighted_by_key: str = WEIGHT_KEY) -> FedAvg:
+    """Flower's strategy for strategy.name, weighted by `weighted_by_key` (each merchant's example count)."""
     common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
-        min_available_nodes=cfg.min_available_nodes, weighted_by_key=WEIGHT_KEY,
+        min_available_nodes=cfg.min_available_nodes, weighted_by_key=weighted_by_key,
         train_metrics_aggr_fn=_aggregate_metrics, evaluate_metrics_aggr_fn=_aggregate_metrics)
+    if cfg.name == "fedmedian":
+        return FedMedian(**common)
+    if cfg.name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=0.2 if cfg.beta is None else float(cfg.beta), **common)
+    if cfg.name == "krum":
+        return Krum(num_malicious_nodes=int(cfg.num_malicious_nodes or 0), **common)
+    if cfg.name == "multikrum":
+        return MultiKrum(num_malicious_nodes=int(cfg.num_malicious_nodes or 0),
+                         num_nodes_to_select=int(cfg.num_nodes_to_select or 1), **common)
     if cfg.name == "fedprox":
         return FedProx(proximal_mu=float(cfg.proximal_mu or 0.0), **common)
     if cfg.name == "fedadam":
@@ -65,8 +84,22 @@ def _merchant_index(reply: RecordDict) -> float:
     return float(value) if isinstance(value, int | float) else float("inf")
 
 
-def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
-    """Why a training reply must not be aggregated (None when it is fine)."""
+def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of the update: all of (arrays - reference), flattened together."""
+    total = 0.0
+    for key, arr in arrays.items():
+        diff = arr.numpy().astype(np.float64) - reference[key]
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]],
+                 reference: dict[str, np.ndarray] | None = None, max_norm: float | None = None) -> str | None:
+    """Why a training reply must not be aggregated (None when it is fine).
+
+    Checked: one ArrayRecord and one MetricRecord, a positive finite example count, the global model's
+    array names, shapes and dtypes, finite values and, with `max_norm`, the update's L2 norm.
+    """
     if len(reply.array_records) != 1 or len(reply.metric_records) != 1:
         return "expected one ArrayRecord and one MetricRecord"
     metrics = next(iter(reply.metric_records.values()))
@@ -82,15 +115,21 @@ def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], s
             return f"{key}: shape {tuple(arr.shape)} dtype {arr.dtype}, expected {shape} {dtype}"
         if not np.isfinite(arr.numpy()).all():
             return f"{key}: contains NaN or Inf"
+    if max_norm is not None and reference is not None:
+        norm = update_norm(arrays, reference)
+        if norm > max_norm:
+            return f"update L2 norm {norm:.4g} exceeds strategy.max_update_norm={max_norm:g}"
     return None
 
 
 class RecordingStrategy(Strategy):
     """Wraps a Flower strategy: rejects malformed updates and records who was sampled, replied or dropped."""
 
-    def __init__(self, inner: FedAvg, min_replies: int = 1) -> None:
+    def __init__(self, inner: Strategy, min_replies: int = 1, max_update_norm: float | None = None) -> None:
         self.inner = inner
         self.min_replies = min_replies
+        self.max_update_norm = max_update_norm
+        self._reference: dict[str, np.ndarray] = {}
         self.record: dict[str, Any] = {}
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
 
@@ -108,6 +147,8 @@ class RecordingStrategy(Strategy):
         """Delegate, remembering the sampled nodes and the global arrays' shapes."""
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        if self.max_update_norm is not None:
+            self._reference = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
         self.record["sampled"] = [m.metadata.dst_node_id for m in messages]
         self.record["bytes_down_per_merchant"] = _nbytes(messages[0].content) if messages else 0
         self.record["t_train_sent"] = time.time()
@@ -122,7 +163,7 @@ class RecordingStrategy(Strategy):
             if msg.has_error():
                 self.record["dropped"].append({"node": node, "reason": f"error: {msg.error.reason}"})
                 continue
-            problem = check_update(msg.content, self._expected)
+            problem = check_update(msg.content, self._expected, self._reference, self.max_update_norm)
             if problem:
                 log.warning("round %d: rejected the update of node %d: %s", server_round, node, problem)
                 self.record["dropped"].append({"node": node, "reason": f"rejected: {problem}"})
@@ -181,15 +222,30 @@ class RecordingStrategy(Strategy):
         return _aggregate_metrics(usable, WEIGHT_KEY)
 
     def state(self) -> dict[str, Any]:
-        """Strategy state that a resume must restore (FedAdam moments); torch.save-safe."""
+        """Strategy state that a resume must restore (FedAdam moments, DP accountant); torch.save-safe."""
         out: dict[str, Any] = {}
         for key in ("m_t", "v_t"):
             value = getattr(self.inner, key, None)
             if value:
                 out[key] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in value.items()}
+        if hasattr(self.inner, "privacy_state"):
+            out["privacy"] = self.inner.privacy_state()
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Inverse of state()."""
         for key, value in state.items():
-            setattr(self.inner, key, {k: v.numpy() for k, v in value.items()})
+            if key == "privacy":
+                self.inner.load_privacy_state(value)  # type: ignore[attr-defined]
+            else:
+                setattr(self.inner, key, {k: v.numpy() for k, v in value.items()})
+
+    def privacy_spent(self) -> dict[str, Any] | None:
+        """The DP ledger's figures so far (None without a privacy preset)."""
+        ledger = getattr(self.inner, "ledger", None)
+        return ledger.spent() if ledger is not None else None
+
+    def budget_exhausted(self) -> bool:
+        """Whether one more round would exceed privacy.target_epsilon."""
+        ledger = getattr(self.inner, "ledger", None)
+        return ledger is not None and ledger.would_exceed()

@@ -270,10 +270,12 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     def form(model_dir: Path, kind: str, fp32_layers: list[int] | None = None) -> Ranker:
         return Ranker(model_dir, kind, v.max_length, v.gains, fp32_layers or [])
 
-    forms = {"fp32": teacher, "int8": form(teacher_dir, "int8"), "int8-mixed": form(teacher_dir, "int8", t8),
+    # The -mixed forms exist only when the search kept a layer fp32 (else they are the int8 form).
+    forms = {"fp32": teacher, "int8": form(teacher_dir, "int8"),
+             **({"int8-mixed": form(teacher_dir, "int8", t8)} if t8 else {}),
              "onnx-int8": form(teacher_dir, "onnx-int8"), "pruned": form(pruned, "fp32"),
              "student": form(student_dir, "fp32"), "student-int8": form(student_dir, "int8"),
-             "student-int8-mixed": form(student_dir, "int8", s8),
+             **({"student-int8-mixed": form(student_dir, "int8", s8)} if s8 else {}),
              "student-onnx-int8": form(student_dir, "onnx-int8")}
     queries = [e["query"] for e in judged]
     rows, reference = [], None
@@ -283,7 +285,8 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
         rows.append({"form": name, "size_mb": ranker.size_mb(), **speed(ranker, catalog, queries,
                                                                         c.latency_candidates, c.latency_repeats),
                      **scores, "argmax_agreement_with_fp32": float((pred == reference).mean()),
-                     "model_dir": str(ranker.model_dir), "int8_fp32_layers": ranker.fp32_layers,
+                     "model_dir": str(ranker.model_dir), "serve_form": ranker.form,
+                     "int8_fp32_layers": ranker.fp32_layers,
                      "serve_with": f"serving.model_dir={ranker.model_dir} serving.form={ranker.form}"
                                    + (f" serving.int8_fp32_layers=[{','.join(map(str, ranker.fp32_layers))}]"
                                       if ranker.fp32_layers else "")})
