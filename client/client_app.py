@@ -15,6 +15,7 @@ from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from client import zero_safe_clipping
 from common import attacks
 from common import data as D
 from common import model as M
@@ -22,6 +23,7 @@ from common import train as T
 from common.config import FedshopConfig, from_run_config, to_json
 
 log = logging.getLogger(__name__)
+zero_safe_clipping.install()
 # A train message whose config has EVALUATE_FIRST=1 asks for the received model's validation metrics too;
 # they come back in the train reply's MetricRecord under EVAL_PREFIX.
 EVALUATE_FIRST = "evaluate-first"

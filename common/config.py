@@ -162,6 +162,7 @@ class DeployConfig:
     api_port: int = MISSING
     health_port: int = MISSING
     poll_interval: float = MISSING
+    audit_messages: bool = MISSING
     insecure: bool = MISSING
     auth: bool = MISSING
     certs: str = MISSING

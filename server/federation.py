@@ -49,7 +49,9 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     model = M.build_model(cfg.model, labels, cfg.seed)
     test = M.tokenize(test_raw, tokenizer, cfg.train.max_length)
     gains = D.label_gains(cfg.data, labels)
-    grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval,
+                        run_dir / "messages.jsonl" if cfg.deploy.audit_messages else None)
     private = cfg.privacy.name != "none"
     inner = build_strategy(cfg.strategy, UNIFORM_KEY if private else WEIGHT_KEY)
     population = (cfg.privacy.population or connected_merchants(grid, cfg)) if private else 0

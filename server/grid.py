@@ -7,9 +7,12 @@ on every run even with the same seed. This wrapper asks every new node once for 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -22,10 +25,11 @@ QUERY = "query"
 class MerchantGrid(Grid):
     """Delegates to a Flower Grid; get_node_ids() is ordered by merchant index."""
 
-    def __init__(self, inner: Grid, timeout: float, poll_interval: float = 0.2) -> None:
+    def __init__(self, inner: Grid, timeout: float, poll_interval: float = 0.2, audit: Path | None = None) -> None:
         self.inner = inner
         self.timeout = timeout
         self.poll_interval = poll_interval
+        self.audit = audit
         self.index: dict[int, int] = {}
         self.names: dict[int, str] = {}
 
@@ -48,8 +52,13 @@ class MerchantGrid(Grid):
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegate."""
-        return self.inner.pull_messages(message_ids)
+        """Delegate; with an audit file, append what each reply carried (structure and types, no values)."""
+        replies = list(self.inner.pull_messages(message_ids))
+        if self.audit is not None and replies:
+            with self.audit.open("a") as f:
+                for msg in replies:
+                    f.write(json.dumps(describe(msg)) + "\n")
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push, then pull replies every poll_interval seconds until all arrived or `timeout` passed.
@@ -88,3 +97,23 @@ class MerchantGrid(Grid):
         ids = list(self.inner.get_node_ids())
         self.identify(ids)
         return sorted(ids, key=lambda n: (self.index.get(n, 1 << 62), n))
+
+
+def describe(msg: Message) -> dict[str, Any]:
+    """What a merchant's reply carries, without its values: record names, array dtypes and shapes, scalar types.
+
+    Strings are the one exception: they are reported with their value, so an audit shows any text that left
+    a merchant.
+    """
+    out: dict[str, Any] = {"node": msg.metadata.src_node_id, "type": msg.metadata.message_type,
+                           "time": time.time(), "error": msg.has_error()}
+    if msg.has_error():
+        return out
+    content = msg.content
+    out["arrays"] = {name: {k: {"dtype": a.dtype, "shape": list(a.shape), "bytes": len(a.data)}
+                            for k, a in rec.items()} for name, rec in content.array_records.items()}
+    out["metrics"] = {name: {k: type(v).__name__ for k, v in rec.items()}
+                      for name, rec in content.metric_records.items()}
+    out["configs"] = {name: {k: v if isinstance(v, str) else type(v).__name__ for k, v in rec.items()}
+                      for name, rec in content.config_records.items()}
+    return out

@@ -37,9 +37,11 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting import PrivacyConfig as AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from client import zero_safe_clipping
 from common.config import PrivacyConfig, StrategyConfig
 
 log = logging.getLogger(__name__)
+zero_safe_clipping.install()
 UNIFORM_KEY = "dp-unit-weight"  # every reply gets weight 1 under DP (set on the server, not sent by merchants)
 
 

@@ -93,12 +93,11 @@ def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
     return math.sqrt(total)
 
 
-def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]],
-                 reference: dict[str, np.ndarray] | None = None, max_norm: float | None = None) -> str | None:
+def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
     """Why a training reply must not be aggregated (None when it is fine).
 
     Checked: one ArrayRecord and one MetricRecord, a positive finite example count, the global model's
-    array names, shapes and dtypes, finite values and, with `max_norm`, the update's L2 norm.
+    array names, shapes and dtypes, and finite values (the norm bound is checked by RecordingStrategy).
     """
     if len(reply.array_records) != 1 or len(reply.metric_records) != 1:
         return "expected one ArrayRecord and one MetricRecord"
@@ -115,10 +114,6 @@ def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], s
             return f"{key}: shape {tuple(arr.shape)} dtype {arr.dtype}, expected {shape} {dtype}"
         if not np.isfinite(arr.numpy()).all():
             return f"{key}: contains NaN or Inf"
-    if max_norm is not None and reference is not None:
-        norm = update_norm(arrays, reference)
-        if norm > max_norm:
-            return f"update L2 norm {norm:.4g} exceeds strategy.max_update_norm={max_norm:g}"
     return None
 
 
@@ -129,7 +124,7 @@ class RecordingStrategy(Strategy):
         self.inner = inner
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
-        self._reference: dict[str, np.ndarray] = {}
+        self._global = ArrayRecord()
         self.record: dict[str, Any] = {}
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
 
@@ -147,8 +142,7 @@ class RecordingStrategy(Strategy):
         """Delegate, remembering the sampled nodes and the global arrays' shapes."""
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-        if self.max_update_norm is not None:
-            self._reference = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
+        self._global = arrays
         self.record["sampled"] = [m.metadata.dst_node_id for m in messages]
         self.record["bytes_down_per_merchant"] = _nbytes(messages[0].content) if messages else 0
         self.record["t_train_sent"] = time.time()
@@ -158,12 +152,16 @@ class RecordingStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, record it, and aggregate the valid ones with the wrapped strategy."""
         valid = []
+        reference = {k: a.numpy() for k, a in self._global.items()}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self.record["dropped"].append({"node": node, "reason": f"error: {msg.error.reason}"})
                 continue
-            problem = check_update(msg.content, self._expected, self._reference, self.max_update_norm)
+            problem = check_update(msg.content, self._expected)
+            norm = None if problem else update_norm(next(iter(msg.content.array_records.values())), reference)
+            if norm is not None and self.max_update_norm is not None and norm > self.max_update_norm:
+                problem = f"update L2 norm {norm:.4g} exceeds strategy.max_update_norm={self.max_update_norm:g}"
             if problem:
                 log.warning("round %d: rejected the update of node %d: %s", server_round, node, problem)
                 self.record["dropped"].append({"node": node, "reason": f"rejected: {problem}"})
@@ -172,7 +170,7 @@ class RecordingStrategy(Strategy):
             self.record["replied"].append({
                 "node": node, "merchant_index": metrics.get("merchant-index"),
                 "num_examples": metrics.get(WEIGHT_KEY), "train_loss": metrics.get("train-loss"),
-                "train_seconds": metrics.get("train-seconds"), "bytes_up": _nbytes(msg.content),
+                "train_seconds": metrics.get("train-seconds"), "update_norm": norm, "bytes_up": _nbytes(msg.content),
                 "bytes_down": self.record["bytes_down_per_merchant"]})
             scores = split_evaluation(metrics)
             if scores:

@@ -34,6 +34,7 @@ def make_strategy(name: str = "fedavg") -> RecordingStrategy:
     strategy = RecordingStrategy(build_strategy(compose([f"strategy={name}"]).strategy))
     strategy.new_round()
     strategy._expected = {"w": ((2, 2), "float32"), "b": ((3,), "float32")}
+    strategy._global = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)), "b": Array(np.zeros(3, np.float32))})
     return strategy
 
 
