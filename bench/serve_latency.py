@@ -4,9 +4,12 @@ Ranks 100 catalog products per request (k=10) over HTTP on 127.0.0.1 with an asy
 (httpx), at concurrency 1 and 8, bounded by a request count and a time budget per setting; the forms
 come from `python -m serving.compress` on a MiniLM teacher (every form of its report but the undistilled
 pruned model) with their accuracy / nDCG@10 on the held-out judgements. The best form within 2 nDCG points
-of the teacher is then measured again with micro-batching off, for the throughput ratio at concurrency 8.
-Usage: python bench/serve_latency.py [--teacher MODEL_DIR] [--requests 200] [--seconds 60]
-Without --teacher, a MiniLM teacher is trained first (mode=centralized, 2 rounds x 2 epochs).
+of the teacher is then measured again with micro-batching on (serving.batch_max_requests=8; every other
+setting runs with it off), for the throughput ratio at concurrency 8.
+Usage: python bench/serve_latency.py [--teacher MODEL_DIR] [--requests 200] [--seconds 60] [--work DIR]
+    [--forms FORM ...]
+Without --teacher, a MiniLM teacher is trained first (mode=centralized, 2 rounds x 2 epochs); --work reuses
+an earlier run's directory (its data, teacher and compressed forms).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ async def load(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds
 
 
 def serve_and_measure(work: Path, row: dict[str, Any], catalog: Path, bodies: list[dict[str, Any]],
-                      seconds: float, batch: int = 8) -> dict[str, Any]:
+                      seconds: float, batch: int = 1) -> dict[str, Any]:
     """Start python -m serving for one form of the report, warm it, measure concurrency 1 and 8, stop it."""
     port = free_port()
     env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
@@ -112,18 +115,22 @@ def main() -> None:
     ap.add_argument("--teacher", default=None)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--work", default=None, help="reuse this directory's data/ and compressed/ (from an earlier run)")
+    ap.add_argument("--forms", nargs="*", default=None, help="measure only these forms of the report")
     a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fedshop-serving-bench-"))
-    cli("serving.make_catalog", [str(work / "data")], work)
-    teacher = a.teacher
-    if teacher is None:
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="fedshop-serving-bench-"))
+    if not (work / "data" / "catalog.csv").is_file():
+        cli("serving.make_catalog", [str(work / "data")], work)
+    teacher = a.teacher or str(work / "teacher" / "model")
+    if not (Path(teacher) / "config.json").is_file():
         cli("simulation", ["mode=centralized", "strategy.num_rounds=2", "train.progress=false",
                            f"hydra.run.dir={work}/teacher"], work)
-        teacher = str(work / "teacher" / "model")
-    cli("serving.compress", [f"serving.model_dir={teacher}", f"serving.catalog={work}/data/catalog.csv",
-                             f"serving.compress.queries={work}/data/queries.jsonl",
-                             f"serving.compress.query_log={work}/data/query_log.txt",
-                             f"serving.compress.out_dir={work}/compressed", f"hydra.run.dir={work}/compress"], work)
+    if not (work / "compressed" / "report.json").is_file():
+        cli("serving.compress", [f"serving.model_dir={teacher}", f"serving.catalog={work}/data/catalog.csv",
+                                 f"serving.compress.queries={work}/data/queries.jsonl",
+                                 f"serving.compress.query_log={work}/data/query_log.txt",
+                                 f"serving.compress.out_dir={work}/compressed", f"hydra.run.dir={work}/compress"],
+            work)
     report = json.loads((work / "compressed" / "report.json").read_text())
     ids = [line.split(",", 1)[0] for line in (work / "data" / "catalog.csv").read_text().splitlines()[1:]]
     queries = [json.loads(x)["query"] for x in (work / "data" / "queries.jsonl").read_text().splitlines()]
@@ -132,7 +139,7 @@ def main() -> None:
               for _ in range(a.requests)]
     rows = []
     for q in report["forms"]:
-        if q["form"] == "pruned":  # structure only, before distillation: not a serving candidate
+        if q["form"] == "pruned" or (a.forms and q["form"] not in a.forms):  # pruned: not distilled, not served
             continue
         m = serve_and_measure(work, q, work / "data" / "catalog.csv", bodies, a.seconds)
         rows.append({"form": q["form"], "size_mb": q["size_mb"], "ndcg@10": q["ndcg@10"], "accuracy": q["accuracy"],
@@ -143,11 +150,11 @@ def main() -> None:
     best = min(ok, key=lambda r: r["c1_p99_ms"])
     print(f"best form within 2 nDCG points of fp32: {best['form']} (p99 {best['c1_p99_ms']:.1f} ms at concurrency 1; "
           f"target <= 50 ms)")
-    unbatched = flat(serve_and_measure(work, next(q for q in report["forms"] if q["form"] == best["form"]),
-                                       work / "data" / "catalog.csv", bodies, a.seconds, batch=1))
-    batching = {"form": best["form"], "batched_c8_rps": best["c8_rps"], "unbatched_c8_rps": unbatched["c8_rps"],
-                "batched_c8_p99_ms": best["c8_p99_ms"], "unbatched_c8_p99_ms": unbatched["c8_p99_ms"],
-                "throughput_ratio": best["c8_rps"] / unbatched["c8_rps"]}
+    batched = flat(serve_and_measure(work, next(q for q in report["forms"] if q["form"] == best["form"]),
+                                     work / "data" / "catalog.csv", bodies, a.seconds, batch=8))
+    batching = {"form": best["form"], "batched_c8_rps": batched["c8_rps"], "unbatched_c8_rps": best["c8_rps"],
+                "batched_c8_p99_ms": batched["c8_p99_ms"], "unbatched_c8_p99_ms": best["c8_p99_ms"],
+                "batched_c1_p99_ms": batched["c1_p99_ms"], "throughput_ratio": batched["c8_rps"] / best["c8_rps"]}
     print("micro-batching at concurrency 8 (serving.batch_max_requests=8 vs 1):")
     print(table([batching], list(batching)))
     print("written:", write("serve_latency", {"candidates": CANDIDATES, "rows": rows, "compress_report": report,

@@ -69,7 +69,7 @@ class MerchantGrid(Grid):
         end = time.time() + (timeout if timeout is not None else float("inf"))
         replies: list[Message] = []
         while pending and time.time() < end:
-            got = list(self.inner.pull_messages(pending))
+            got = list(self.pull_messages(pending))
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
             if pending:

@@ -12,15 +12,24 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from serving.ranker import Ranker
+
+class Scorer(Protocol):
+    """What the batcher needs of a model (serving.ranker.Ranker is one)."""
+
+    def score(self, query: str, titles: list[str]) -> np.ndarray:
+        """Scores of titles for one query."""
+
+    def score_many(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+        """score() of several requests in one pass."""
 
 
 @dataclass
 class _Job:
-    ranker: Ranker
+    ranker: Scorer
     query: str
     titles: list[str]
     done: Future[np.ndarray] = field(default_factory=Future)
@@ -36,7 +45,7 @@ class MicroBatcher:
         if max_requests > 1:
             threading.Thread(target=self._run, name="fedshop-batcher", daemon=True).start()
 
-    def score(self, ranker: Ranker, query: str, titles: list[str]) -> np.ndarray:
+    def score(self, ranker: Scorer, query: str, titles: list[str]) -> np.ndarray:
         """The model scores of `titles` for `query`; blocks until its batch has run."""
         if self.max_requests <= 1:
             return ranker.score(query, titles)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +34,39 @@ def tiny_cfg():
     from common.config import compose
 
     return compose([*TINY_REVIEWS, "simulation.num_merchants=3"])
+
+
+def assert_replies_carry_no_data(run_dir: Path) -> dict[str, int]:
+    """Every message the merchants sent (the server's audit, messages.jsonl) carries only the model's arrays
+    and scalar metrics: no text but the merchant's configured name, no token ids, no per-example values.
+    Returns how many replies of each type were checked."""
+    import json
+
+    from common import checkpoint as C
+
+    weights = C.load(run_dir / "checkpoints" / "round_0.pt")["weights"]
+    model: dict[str, dict[str, Any]] = {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
+                                         for k, v in weights.items()}
+    assert all(v["dtype"].startswith("float") for v in model.values())
+    names = set(json.loads((run_dir / "results.json").read_text()).get("merchants") or [])
+    counts: dict[str, int] = {}
+    for line in (run_dir / "messages.jsonl").read_text().splitlines():
+        msg = json.loads(line)
+        if msg["error"]:
+            continue
+        counts[msg["type"]] = counts.get(msg["type"], 0) + 1
+        for record in msg["metrics"].values():
+            assert set(record.values()) <= {"int", "float"}, record  # scalars only: no lists, no per-example
+        if msg["type"] == "train":
+            assert set(msg["arrays"]) == {"arrays"}
+            got = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in msg["arrays"]["arrays"].items()}
+            assert got == model  # exactly the model's parameters: names, shapes, float dtypes
+            assert msg["configs"] == {}
+        elif msg["type"] == "evaluate":
+            assert msg["arrays"] == {} and msg["configs"] == {}
+        else:
+            assert msg["type"] == "query" and msg["arrays"] == {}
+            assert set(msg["configs"]) == {"info"} and set(msg["configs"]["info"]) == {"merchant-name"}
+            assert not names or msg["configs"]["info"]["merchant-name"] in names
+    assert counts.get("train", 0) > 0 and counts.get("query", 0) > 0, counts
+    return counts

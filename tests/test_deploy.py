@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import assert_replies_carry_no_data, run_cli
 from tests.deploy_helpers import BASE, Deployment
 
 
@@ -74,6 +74,9 @@ def test_insecure_server_and_three_merchants(deployment, tmp_path):
         executor_log = (d.root / f"m{i}" / "executor.log").read_text()
         assert executor_log.count("exited with status 0") >= 4, executor_log[-2000:]
         assert "exited with status 1" not in executor_log
+    # What left the merchants, as the server received it: model arrays and scalar metrics only.
+    counts = assert_replies_carry_no_data(d.run_dir)
+    assert counts["train"] == 6 and counts["query"] == 3 and counts["evaluate"] == 3
     # Federated evaluation rode on the training messages (and one final evaluation): every round has it.
     for r in results["rounds"]:
         assert {"loss", "accuracy", "macro_f1"} <= set(r["evaluate"]), r
@@ -153,6 +156,32 @@ def test_merchant_killed_mid_run_is_recorded_as_dropped(deployment):
     assert any(x["merchant"] == "merchant_02" for x in dropped), later
     assert all(len(r["replied"]) >= 2 for r in later)
     assert any("timeout" in x["reason"] or "error" in x["reason"] for x in dropped)
+
+
+@pytest.mark.slow
+def test_client_side_dp_survives_a_lost_merchant_and_is_accounted(deployment):
+    """privacy=client in deployment: merchants clip before sending (Flower's fixedclipping_mod in the deployed
+    ClientApp), the server noises the mean of the replies it got, and a merchant lost mid-run costs no round."""
+    d = deployment
+    clip = 0.05
+    d.start_server("strategy.num_rounds=3", "strategy.round_timeout=90", "strategy.min_replies=2",
+                   "strategy.min_available_nodes=2", "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2",
+                   "privacy=client", f"privacy.clipping_norm={clip}", "privacy.noise_multiplier=0.5",
+                   "privacy.population=3")
+    for i in range(3):
+        d.start_merchant(i)
+    d.wait_round(1)
+    d.kill_merchant_hard(2)
+    assert d.wait_server() == 0, d.log("server")
+    results = assert_completed(d, rounds=3)
+    rounds = results["rounds"][1:]
+    norms = [x["update_norm"] for r in rounds for x in r["replied"]]
+    assert norms and max(norms) <= clip * (1 + 1e-4)  # what reached the server was clipped by the merchant
+    assert any(x["merchant"] == "merchant_02" for r in rounds[1:] for x in r["dropped"])
+    assert all(r["attempts"] == 1 and len(r["replied"]) >= 2 for r in rounds)  # no DP round was lost
+    eps = [r["privacy"]["epsilon"] for r in rounds]
+    assert eps == sorted(eps) and len(set(eps)) == 3 and results["privacy"]["releases"] == 3
+    assert "epsilon" in d.log("server")
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -156,7 +157,7 @@ def assets(tmp_path_factory):
 def server(assets):
     root, model_a, _, catalog = assets
     s = Server(root, model_a, catalog, "serving.rules.margin_weight=0.5", "serving.rules.promotion_boost=0.2",
-               "serving.rules.max_per_category=2", "serving.max_candidates=50")
+               "serving.rules.max_per_category=2", "serving.max_candidates=50", "serving.batch_max_requests=8")
     yield s
     s.close()
 
@@ -447,7 +448,7 @@ class _BlockingRanker:
         self.release = threading.Event()
         self.batches: list[list[str]] = []
 
-    def score_many(self, requests):
+    def score_many(self, requests: list[tuple[str, list[str]]]) -> list[Any]:
         import numpy as np
 
         self.release.wait(10)
@@ -456,7 +457,7 @@ class _BlockingRanker:
             raise RuntimeError("scoring failed")
         return [np.full(len(titles), float(len(q))) for q, titles in requests]
 
-    def score(self, query, titles):
+    def score(self, query: str, titles: list[str]) -> Any:
         return self.score_many([(query, titles)])[0]
 
 
@@ -465,7 +466,7 @@ def test_micro_batcher_scores_queued_requests_together_and_keeps_them_apart():
 
     from serving.batching import MicroBatcher
 
-    ranker, sizes = _BlockingRanker(), []
+    ranker, sizes = _BlockingRanker(), list[int]()
     batcher = MicroBatcher(4, sizes.append)
     queries = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
     with ThreadPoolExecutor(6) as pool:
@@ -502,3 +503,28 @@ def test_hnsw_index_finds_what_exact_search_finds():
     recall = np.mean([len(set(exact.search(x, 100)) & set(hnsw.search(x, 100))) / 100 for x in queries])
     assert recall >= 0.95
     assert exact.search(q, 0) == [] and len(exact.search(q, 10 ** 6)) == 20_000
+
+
+def test_pair_encoder_matches_the_tokenizer_and_falls_back_when_truncating(assets):
+    import numpy as np
+
+    from common import model as M
+    from common.config import compose
+    from serving.ranker import PairEncoder
+
+    tokenizer = M.load_tokenizer(compose([]).model)  # MiniLM's BERT tokenizer
+    encoder = PairEncoder(tokenizer, 64)
+    assert encoder.fast
+    titles = [p.title for p in load_catalog(assets[3]).products[:200]]
+    queries = ["red running shoes", "Café crème 2-pack", "desk lamp"] * 67
+    for _ in range(2):  # cold, then from the cache
+        got = encoder(queries[:len(titles)], titles)
+        want = tokenizer(queries[:len(titles)], titles, truncation=True, max_length=64, padding=True,
+                         return_tensors="np")
+        for key in ("input_ids", "token_type_ids", "attention_mask"):
+            np.testing.assert_array_equal(got[key], want[key])
+    long = ["word " * 100]
+    got = encoder(["a query"], long)
+    assert got["input_ids"].shape == (1, 64)
+    np.testing.assert_array_equal(got["input_ids"], tokenizer(["a query"], long, truncation=True, max_length=64,
+                                                             return_tensors="np")["input_ids"])

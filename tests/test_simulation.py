@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY, TINY_REVIEWS, run_cli
+from tests.conftest import TINY, TINY_REVIEWS, assert_replies_carry_no_data, run_cli
 from tests.test_data import rows, write_csv
 
 
@@ -55,6 +55,12 @@ def test_federated_simulation_learns_and_writes_run_directory(fed_run):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "flwr").is_dir()
+
+
+def test_merchant_replies_carry_only_model_arrays_and_scalar_metrics(fed_run):
+    run_dir, _ = fed_run
+    counts = assert_replies_carry_no_data(run_dir)
+    assert counts["train"] == 6 and counts["query"] == 3 and counts.get("evaluate", 0) == 3
 
 
 def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
