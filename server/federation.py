@@ -52,12 +52,17 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     run_dir.mkdir(parents=True, exist_ok=True)
     grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval,
                         run_dir / "messages.jsonl" if cfg.deploy.audit_messages else None)
+    ckpt_dir = run_dir / "checkpoints"
+    last = C.latest(ckpt_dir)
+    payload = C.load(last, cfg_json) if last is not None else None
     private = cfg.privacy.name != "none"
     inner = build_strategy(cfg.strategy, UNIFORM_KEY if private else WEIGHT_KEY)
-    population = (cfg.privacy.population or connected_merchants(grid, cfg)) if private else 0
+    population = 0
+    if private:  # a resumed run keeps the population it was accounted over
+        saved = (payload or {}).get("strategy_state", {}).get("privacy", {})
+        population = int(saved.get("population") or cfg.privacy.population or connected_merchants(grid, cfg))
     strategy = RecordingStrategy(make_private(inner, cfg.privacy, cfg.strategy, population),
                                  cfg.strategy.min_replies, cfg.strategy.max_update_norm)
-    ckpt_dir = run_dir / "checkpoints"
     meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": labels, "test_examples": len(test),
             "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}
 
@@ -69,9 +74,7 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
         C.save(ckpt_dir / f"round_{rnd}.pt", server_round=rnd, weights=weights, config_json=cfg_json,
                strategy_state=strategy.state(), history=runlog.rounds)
 
-    last = C.latest(ckpt_dir)
-    if last is not None:
-        payload = C.load(last, cfg_json)
+    if last is not None and payload is not None:
         weights, start = payload["weights"], int(payload["round"]) + 1
         strategy.load_state(payload["strategy_state"])
         C.set_rng_state(payload["rng"])

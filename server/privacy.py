@@ -93,8 +93,8 @@ class Ledger:
                 "target_epsilon": self.cfg.target_epsilon}
 
     def state(self) -> dict[str, Any]:
-        """What a resume restores."""
-        return {"accountant": self.accountant.state_dict()}
+        """What a resume restores (the population too: the accountant is tied to it)."""
+        return {"accountant": self.accountant.state_dict(), "population": self.population}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Inverse of state()."""
