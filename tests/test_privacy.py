@@ -195,3 +195,25 @@ def test_budget_stop_fires_before_the_round_that_would_exceed_it(tmp_path):
     assert (tmp_path / "run" / "model" / "config.json").is_file()  # the model is saved
     assert (tmp_path / "run" / "checkpoints" / "round_2.pt").is_file()
     assert "epsilon" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("preset", ["central_adaptive", "client", "local"])
+def test_each_preset_runs_end_to_end_in_simulation_and_is_accounted(preset, tmp_path):
+    clip = 0.05
+    proc = run_cli("simulation", [*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2",
+                                  f"privacy={preset}", f"privacy.clipping_norm={clip}", "privacy.noise_multiplier=0.5",
+                                  "privacy.clipped_count_stddev=1.0", "privacy.local_epsilon=50",
+                                  f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "completed" and results["privacy"]["preset"] == preset
+    rounds = results["rounds"][1:]
+    eps = [r["privacy"]["epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1] and results["privacy"]["releases"] == 2
+    norms = [x["update_norm"] for r in rounds for x in r["replied"]]
+    if preset == "client":  # merchants clipped before sending: the server never sees a longer update
+        assert max(norms) <= clip * (1 + 1e-4)
+    if preset == "local":  # clipped, then noised on the merchant: what leaves is longer than C
+        assert min(norms) > clip
+    if preset == "central_adaptive":
+        assert results["privacy"]["noise_multiplier"] == 0.5
