@@ -23,8 +23,8 @@ from common import train as T
 from common.config import FedshopConfig, training_json
 from common.results import RunLog
 from server.grid import MerchantGrid
-from server.privacy import UNIFORM_KEY, make_private
-from server.strategy import WEIGHT_KEY, RecordingStrategy, build_strategy
+from server.privacy import make_private
+from server.strategy import RecordingStrategy, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     last = C.latest(ckpt_dir)
     payload = C.load(last, cfg_json) if last is not None else None
     private = cfg.privacy.name != "none"
-    inner = build_strategy(cfg.strategy, UNIFORM_KEY if private else WEIGHT_KEY)
+    inner = build_strategy(cfg.strategy)
     population = 0
     if private:  # a resumed run keeps the population it was accounted over
         saved = (payload or {}).get("strategy_state", {}).get("privacy", {})

@@ -39,10 +39,10 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from client import zero_safe_clipping
 from common.config import PrivacyConfig, StrategyConfig
+from server.strategy import WEIGHT_KEY
 
 log = logging.getLogger(__name__)
 zero_safe_clipping.install()
-UNIFORM_KEY = "dp-unit-weight"  # every reply gets weight 1 under DP (set on the server, not sent by merchants)
 
 
 def local_noise_multiplier(epsilon: float, delta: float) -> float:
@@ -102,8 +102,9 @@ class Ledger:
 
 
 def _uniform(replies: list[Message]) -> None:
+    """Weight 1 for every reply (RecordingStrategy has recorded the real example counts already)."""
     for msg in replies:
-        next(iter(msg.content.metric_records.values()))[UNIFORM_KEY] = 1
+        next(iter(msg.content.metric_records.values()))[WEIGHT_KEY] = 1
 
 
 class _TolerantMixin:
@@ -221,7 +222,7 @@ def planned_sample(strategy: StrategyConfig, population: int) -> int:
 
 
 def make_private(inner: FedAvg, cfg: PrivacyConfig, strategy: StrategyConfig, population: int) -> Strategy:
-    """Wrap `inner` (built with weighted_by_key=UNIFORM_KEY) for the privacy preset; `inner` when none."""
+    """Wrap `inner` for the privacy preset (`inner` itself when none)."""
     if cfg.name == "none":
         return inner
     population = cfg.population or population

@@ -26,11 +26,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from client.client_app import EVAL_PREFIX
 from common.config import StrategyConfig
-from server.privacy import UNIFORM_KEY
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
-INFO_KEYS = ("merchant-index", UNIFORM_KEY)
+INFO_KEYS = ("merchant-index",)
 
 
 def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -46,12 +45,12 @@ def split_evaluation(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k[len(EVAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(EVAL_PREFIX)}
 
 
-def build_strategy(cfg: StrategyConfig, weighted_by_key: str = WEIGHT_KEY) -> FedAvg:
-    """Flower's strategy for strategy.name, weighted by `weighted_by_key` (each merchant's example count)."""
+def build_strategy(cfg: StrategyConfig) -> FedAvg:
+    """Flower's strategy for strategy.name, weighted by each merchant's number of training examples."""
     common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
-        min_available_nodes=cfg.min_available_nodes, weighted_by_key=weighted_by_key,
+        min_available_nodes=cfg.min_available_nodes, weighted_by_key=WEIGHT_KEY,
         train_metrics_aggr_fn=_aggregate_metrics, evaluate_metrics_aggr_fn=_aggregate_metrics)
     if cfg.name == "fedmedian":
         return FedMedian(**common)

@@ -23,7 +23,7 @@ from hypothesis.extra.numpy import arrays
 
 from client import zero_safe_clipping
 from common.config import compose
-from server.privacy import UNIFORM_KEY, Ledger, make_private
+from server.privacy import Ledger, make_private
 from server.strategy import RecordingStrategy, build_strategy
 from tests.conftest import TINY_REVIEWS, run_cli
 from tests.test_strategy import reply, task_identity  # noqa: F401 - the fixture is autouse
@@ -58,7 +58,7 @@ def test_every_clipped_update_has_norm_at_most_c(shapes, data, clip):
 def private_strategy(preset: str, population: int, **overrides):
     cfg = compose([f"privacy={preset}", f"simulation.num_merchants={population}",
                    *[f"privacy.{k}={v}" for k, v in overrides.items()]])
-    inner = build_strategy(cfg.strategy, UNIFORM_KEY)
+    inner = build_strategy(cfg.strategy)
     return make_private(inner, cfg.privacy, cfg.strategy, population), cfg
 
 
