@@ -171,11 +171,11 @@ class ClientFixed(_TolerantMixin, DifferentialPrivacyClientSideFixedClipping):
     """privacy=client: merchants clip (fixedclipping_mod); the server noises the mean."""
 
 
-class LocalAccounted(Strategy):
-    """privacy=local: merchants clip and noise (LocalDpMod); the server aggregates unweighted and accounts."""
+class _Delegate(Strategy):
+    """A Strategy that forwards every call to `self.strategy`."""
 
-    def __init__(self, strategy: FedAvg, ledger: Ledger, clipping_norm: float) -> None:
-        self.strategy, self.ledger, self.clipping_norm = strategy, ledger, clipping_norm
+    def __init__(self, strategy: FedAvg) -> None:
+        self.strategy = strategy
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
@@ -188,15 +188,8 @@ class LocalAccounted(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Unweighted mean of the (already private) updates; account one local release per round."""
-        replies = list(replies)
-        if not replies:
-            return None, None
-        _uniform(replies)
-        out = self.strategy.aggregate_train(server_round, replies)
-        if out[0] is not None:
-            self.ledger.compose()
-        return out
+        """Delegate."""
+        return self.strategy.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -207,13 +200,13 @@ class LocalAccounted(Strategy):
         """Delegate."""
         return self.strategy.aggregate_evaluate(server_round, replies)
 
-    def privacy_state(self) -> dict[str, Any]:
-        """Accountant state for checkpoints."""
-        return {**self.ledger.state(), "clipping_norm": self.clipping_norm}
 
-    def load_privacy_state(self, state: dict[str, Any]) -> None:
-        """Inverse of privacy_state()."""
-        self.ledger.load_state(state)
+class LocalAccounted(_TolerantMixin, _Delegate):
+    """privacy=local: merchants clip and noise (LocalDpMod); the server averages unweighted and accounts."""
+
+    def __init__(self, strategy: FedAvg, ledger: Ledger, clipping_norm: float) -> None:
+        super().__init__(strategy)
+        self.ledger, self.clipping_norm, self.num_sampled_clients = ledger, clipping_norm, 0
 
 
 def planned_sample(strategy: StrategyConfig, population: int) -> int:
@@ -239,6 +232,6 @@ def make_private(inner: FedAvg, cfg: PrivacyConfig, strategy: StrategyConfig, po
                                   target_clipped_quantile=cfg.target_clipped_quantile,
                                   clip_norm_lr=cfg.clip_norm_lr, clipped_count_stddev=count_std)
     else:
-        return LocalAccounted(inner, ledger, cfg.clipping_norm)
+        wrapped = LocalAccounted(inner, ledger, cfg.clipping_norm)
     wrapped.ledger = ledger
     return wrapped  # type: ignore[no-any-return]

@@ -139,18 +139,23 @@ def test_unregistered_key_and_missing_ca_are_refused(secure, certs, tmp_path):
     assert d.results().get("rounds", [{}])[-1].get("round", 0) == 0  # nobody got in
 
 
-@pytest.mark.slow
-def test_merchant_killed_mid_run_is_recorded_as_dropped(deployment):
-    d = deployment
+def run_losing_merchant_two(d: Deployment, *more: str) -> dict:
+    """Three rounds, three merchants; merchant 2 is killed (SIGKILL) after round 1. Returns results.json."""
     # Flower waits for min_available_nodes to be connected before sampling: allow for the dropout.
     d.start_server("strategy.num_rounds=3", "strategy.round_timeout=90", "strategy.min_replies=2",
-                   "strategy.min_available_nodes=2", "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2")
+                   "strategy.min_available_nodes=2", "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2",
+                   *more)
     for i in range(3):
         d.start_merchant(i)
     d.wait_round(1)
     d.kill_merchant_hard(2)
     assert d.wait_server() == 0, d.log("server")
-    results = assert_completed(d, rounds=3)
+    return assert_completed(d, rounds=3)
+
+
+@pytest.mark.slow
+def test_merchant_killed_mid_run_is_recorded_as_dropped(deployment):
+    results = run_losing_merchant_two(deployment)
     later = results["rounds"][2:]
     dropped = [x for r in later for x in r["dropped"]]
     assert any(x["merchant"] == "merchant_02" for x in dropped), later
@@ -162,18 +167,9 @@ def test_merchant_killed_mid_run_is_recorded_as_dropped(deployment):
 def test_client_side_dp_survives_a_lost_merchant_and_is_accounted(deployment):
     """privacy=client in deployment: merchants clip before sending (Flower's fixedclipping_mod in the deployed
     ClientApp), the server noises the mean of the replies it got, and a merchant lost mid-run costs no round."""
-    d = deployment
     clip = 0.05
-    d.start_server("strategy.num_rounds=3", "strategy.round_timeout=90", "strategy.min_replies=2",
-                   "strategy.min_available_nodes=2", "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2",
-                   "privacy=client", f"privacy.clipping_norm={clip}", "privacy.noise_multiplier=0.5",
-                   "privacy.population=3")
-    for i in range(3):
-        d.start_merchant(i)
-    d.wait_round(1)
-    d.kill_merchant_hard(2)
-    assert d.wait_server() == 0, d.log("server")
-    results = assert_completed(d, rounds=3)
+    results = run_losing_merchant_two(deployment, "privacy=client", f"privacy.clipping_norm={clip}",
+                                      "privacy.noise_multiplier=0.5", "privacy.population=3")
     rounds = results["rounds"][1:]
     norms = [x["update_norm"] for r in rounds for x in r["replied"]]
     assert norms and max(norms) <= clip * (1 + 1e-4)  # what reached the server was clipped by the merchant
@@ -181,7 +177,7 @@ def test_client_side_dp_survives_a_lost_merchant_and_is_accounted(deployment):
     assert all(r["attempts"] == 1 and len(r["replied"]) >= 2 for r in rounds)  # no DP round was lost
     eps = [r["privacy"]["epsilon"] for r in rounds]
     assert eps == sorted(eps) and len(set(eps)) == 3 and results["privacy"]["releases"] == 3
-    assert "epsilon" in d.log("server")
+    assert "epsilon" in deployment.log("server")
 
 
 @pytest.mark.slow
