@@ -85,7 +85,7 @@ class Ledger:
         self.accountant.compose(self.event())
 
     def spent(self) -> dict[str, Any]:
-        """epsilon (inf before any release is not possible: 0.0), delta and the accounting model."""
+        """epsilon spent so far (0.0 before the first release), delta and the accounting model."""
         releases = self.accountant.num_releases
         epsilon = self.accountant.get_epsilon(self.cfg.delta) if releases else 0.0
         return {"epsilon": epsilon, "delta": self.cfg.delta, "releases": releases, "preset": self.cfg.name,

@@ -41,9 +41,6 @@ class VectorIndex:
             self.build_seconds = time.perf_counter() - t0
             log.info("HNSW index over %d products built in %.1f s", len(self.vectors), self.build_seconds)
 
-    def __len__(self) -> int:
-        return len(self.vectors)
-
     def search(self, query: np.ndarray, n: int) -> list[int]:
         """Row numbers of the n rows closest to `query`, best first (ties by row number)."""
         n = min(n, len(self.vectors))
