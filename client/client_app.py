@@ -16,6 +16,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client import zero_safe_clipping
+from client.secure import secure_mod
 from common import attacks
 from common import data as D
 from common import model as M
@@ -96,9 +97,12 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
     """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run."""
     app = ClientApp()
 
+    def config_of(context: Context) -> FedshopConfig:
+        return fixed_cfg or from_run_config(dict(context.run_config))
+
     def privacy(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         """privacy=client: Flower's fixedclipping_mod; privacy=local: Flower's LocalDpMod; else nothing."""
-        p = (fixed_cfg or from_run_config(dict(context.run_config))).privacy
+        p = config_of(context).privacy
         if p.name == "client":
             return fixedclipping_mod(msg, context, call_next)
         if p.name == "local":
@@ -107,12 +111,13 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
         return call_next(msg, context)
 
     def setup(msg: Message, context: Context) -> tuple[FedshopConfig, Merchant, int]:
-        cfg = fixed_cfg or from_run_config(dict(context.run_config))
+        cfg = config_of(context)
         merchant = load_merchant(cfg, dict(context.node_config))
         M.set_weights(merchant.model, from_arrays(msg.content.array_records["arrays"]))
         return cfg, merchant, int(str(msg.content.config_records["config"]["server-round"]))
 
-    @app.train(mods=[privacy])
+    # secagg=plus: SecAgg+ masks what the privacy mod (clipping, local noise) hands back.
+    @app.train(mods=[secure_mod(config_of), privacy])
     def train(msg: Message, context: Context) -> Message:
         cfg, merchant, rnd = setup(msg, context)
         config = msg.content.config_records["config"]
@@ -142,7 +147,7 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        cfg = fixed_cfg or from_run_config(dict(context.run_config))
+        cfg = config_of(context)
         merchant = load_merchant(cfg, dict(context.node_config))
         reply = RecordDict({"metrics": MetricRecord({"merchant-index": merchant.index,
                                                      "num-examples": len(merchant.train)}),

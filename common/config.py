@@ -142,6 +142,19 @@ class PrivacyConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (conf/secagg): none, or Flower's SecAgg+ with its share and quantisation parameters."""
+
+    name: str = MISSING  # none | plus
+    num_shares: float = MISSING  # > 1: a count (an integer > 2); in (0, 1]: a fraction of the sampled merchants
+    reconstruction_threshold: float = MISSING  # > 1: a count; in (0, 1]: a fraction of num_shares
+    clipping_range: float = MISSING
+    quantization_range: int = MISSING
+    modulus_range: int = MISSING
+    max_weight: float | None = None
+
+
+@dataclass
 class SimulationConfig:
     """K virtual merchants on one machine."""
 
@@ -249,6 +262,7 @@ class FedshopConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
@@ -312,6 +326,7 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(0.0 < dp.local_delta < 1.0, "privacy.local_delta", dp.local_delta, "in (0, 1)")
     _check(dp.name == "none" or s.name in {"fedavg", "fedprox"}, "strategy.name", s.name,
            f"fedavg or fedprox with privacy={dp.name} (its noise is calibrated to a mean of clipped updates)")
+    _validate_secagg(cfg)
     sim = cfg.simulation
     _check(sim.attack in ATTACKS, "simulation.attack", sim.attack, "|".join(ATTACKS))
     _check(s.num_rounds > 0, "strategy.num_rounds", s.num_rounds, "> 0")
@@ -351,6 +366,34 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(s.min_train_nodes <= k, "strategy.min_train_nodes", s.min_train_nodes,
            f"<= simulation.num_merchants ({k})")
     return cfg
+
+
+def _validate_secagg(cfg: FedshopConfig) -> None:
+    sa, s = cfg.secagg, cfg.strategy
+    _check(sa.name in {"none", "plus"}, "secagg.name", sa.name, "none|plus")
+    if sa.name == "none":
+        return
+    for key in ("num_shares", "reconstruction_threshold"):
+        value = getattr(sa, key)
+        _check(0 < value <= 1 or (value > 2 and float(value).is_integer()), f"secagg.{key}", value,
+               "a fraction in (0, 1] or an integer count > 2")
+    _check(sa.num_shares <= 1 or sa.reconstruction_threshold <= 1 or sa.reconstruction_threshold < sa.num_shares,
+           "secagg.reconstruction_threshold", sa.reconstruction_threshold, f"< secagg.num_shares ({sa.num_shares})")
+    _check(sa.clipping_range > 0, "secagg.clipping_range", sa.clipping_range, "> 0")
+    _check(sa.quantization_range > 0, "secagg.quantization_range", sa.quantization_range, "> 0")
+    _check(sa.modulus_range > sa.quantization_range and sa.modulus_range & (sa.modulus_range - 1) == 0
+           and sa.modulus_range <= 1 << 32, "secagg.modulus_range", sa.modulus_range,
+           "a power of 2 above secagg.quantization_range, at most 2^32")
+    _check(sa.max_weight is None or sa.max_weight > 0, "secagg.max_weight", sa.max_weight, "> 0 or null")
+    _check(s.name in {"fedavg", "fedprox", "fedadam"}, "strategy.name", s.name,
+           "fedavg, fedprox or fedadam with secagg=plus (the server sees only the sum of the updates, so a "
+           "median, trimmed mean or Krum has nothing to compare)")
+    _check(cfg.privacy.name in {"none", "client", "local"}, "privacy.name", cfg.privacy.name,
+           "none, client or local with secagg=plus (the server cannot clip updates it never sees)")
+    _check(s.max_update_norm is None, "strategy.max_update_norm", s.max_update_norm,
+           "null with secagg=plus (the server never sees one update; privacy=client bounds them on the merchant)")
+    _check(s.min_train_nodes >= 2, "strategy.min_train_nodes", s.min_train_nodes,
+           ">= 2 with secagg=plus (a sum of one update is that update)")
 
 
 def to_typed(raw: DictConfig | dict[str, Any]) -> FedshopConfig:

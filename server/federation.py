@@ -24,6 +24,7 @@ from common.config import FedshopConfig, training_json
 from common.results import RunLog
 from server.grid import MerchantGrid
 from server.privacy import make_private
+from server.secagg import SecureRound
 from server.strategy import RecordingStrategy, build_strategy
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
     if private:  # a resumed run keeps the population it was accounted over
         saved = (payload or {}).get("strategy_state", {}).get("privacy", {})
         population = int(saved.get("population") or cfg.privacy.population or connected_merchants(grid, cfg))
+    secure = cfg.secagg.name == "plus"
     strategy = RecordingStrategy(make_private(inner, cfg.privacy, cfg.strategy, population),
-                                 cfg.strategy.min_replies, cfg.strategy.max_update_norm)
+                                 cfg.strategy.min_replies, cfg.strategy.max_update_norm, secure=secure)
+    secure_round = SecureRound(cfg, grid, strategy) if secure else None
     meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": labels, "test_examples": len(test),
             "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}
 
@@ -109,9 +112,12 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
         train_config = ConfigRecord({EVALUATE_FIRST: 1} if piggyback else {})
         for attempt in range(cfg.strategy.round_retries + 1):
             strategy.new_round()
-            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid),
-                                            timeout=timeout)
-            agg, train_metrics = strategy.aggregate_train(rnd, replies)
+            if secure_round is not None:
+                agg, train_metrics = secure_round.run(rnd, arrays, train_config)
+            else:
+                replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid),
+                                                timeout=timeout)
+                agg, train_metrics = strategy.aggregate_train(rnd, replies)
             attempts.append({"replied": len(strategy.record["replied"]), "dropped": strategy.record["dropped"]})
             if not strategy.record["too_few_replies"]:
                 break
@@ -140,9 +146,12 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, An
         record = {"round": rnd, "server": server_eval(weights), "train": dict(train_metrics or {}),
                   "evaluate": dict(eval_metrics or {}), "sampled": rec["sampled"], "replied": rec["replied"],
                   "dropped": rec["dropped"], "evaluated": rec["evaluated"],
-                  "bytes_down_total": rec["bytes_down_per_merchant"] * len(rec["sampled"]),
-                  "bytes_up_total": sum(r["bytes_up"] for r in rec["replied"]), "attempts": len(attempts),
-                  "seconds": time.time() - t0}
+                  "bytes_down_total": rec.get("bytes_down_total",
+                                              rec["bytes_down_per_merchant"] * len(rec["sampled"])),
+                  "bytes_up_total": rec.get("bytes_up_total", sum(r["bytes_up"] for r in rec["replied"])),
+                  "attempts": len(attempts), "seconds": time.time() - t0}
+        if "secure_aggregation" in rec:
+            record["secure_aggregation"] = rec["secure_aggregation"]
         if len(attempts) > 1:
             record["earlier_attempts"] = attempts[:-1]
         spent = strategy.privacy_spent()

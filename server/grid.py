@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class MerchantGrid(Grid):
         self.audit = audit
         self.index: dict[int, int] = {}
         self.names: dict[int, str] = {}
+        self.sizes: dict[int, int] = {}  # training examples per node, as the node reported them
+        # Called with (sent, replies, seconds) after every send_and_receive (SecAgg+ counts its stages so).
+        self.tap: Callable[[list[Message], list[Message], float], None] | None = None
 
     def set_run(self, run: Run) -> None:
         """Delegate."""
@@ -65,8 +68,10 @@ class MerchantGrid(Grid):
 
         Flower's HTTP grid (deployment) sleeps a fixed 3 s between pulls; this loop is otherwise the same.
         """
-        pending = set(self.inner.push_messages(messages))
-        end = time.time() + (timeout if timeout is not None else float("inf"))
+        sent = list(messages)
+        start = time.time()
+        pending = set(self.inner.push_messages(sent))
+        end = start + (timeout if timeout is not None else float("inf"))
         replies: list[Message] = []
         while pending and time.time() < end:
             got = list(self.pull_messages(pending))
@@ -74,6 +79,8 @@ class MerchantGrid(Grid):
             pending -= {m.metadata.reply_to_message_id for m in got}
             if pending:
                 time.sleep(self.poll_interval)
+        if self.tap is not None:
+            self.tap(sent, replies, time.time() - start)
         return replies
 
     def identify(self, node_ids: list[int]) -> None:
@@ -89,6 +96,7 @@ class MerchantGrid(Grid):
             node = reply.metadata.src_node_id
             metrics = next(iter(reply.content.metric_records.values()))
             self.index[node] = int(metrics["merchant-index"])  # type: ignore[arg-type]
+            self.sizes[node] = int(metrics["num-examples"])  # type: ignore[arg-type]
             info = reply.content.config_records.get("info")
             self.names[node] = str(info["merchant-name"]) if info else f"merchant_{self.index[node]:02d}"
 
@@ -97,6 +105,18 @@ class MerchantGrid(Grid):
         ids = list(self.inner.get_node_ids())
         self.identify(ids)
         return sorted(ids, key=lambda n: (self.index.get(n, 1 << 62), n))
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's values: array data, config bytes/strings, 8 per number (no protocol framing)."""
+    total = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    records: list[dict[str, Any]] = [dict(r) for r in content.config_records.values()]
+    records += [dict(r) for r in content.metric_records.values()]
+    for record in records:
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                total += len(item) if isinstance(item, bytes | str) else 8
+    return total
 
 
 def describe(msg: Message) -> dict[str, Any]:

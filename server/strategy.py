@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from client.client_app import EVAL_PREFIX
 from common.config import StrategyConfig
+from server.grid import payload_bytes
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
@@ -67,10 +68,6 @@ def build_strategy(cfg: StrategyConfig) -> FedAvg:
         return FedAdam(eta=float(cfg.eta or 1e-3), eta_l=float(cfg.eta_l or 1e-3), beta_1=float(cfg.beta_1 or 0.9),
                        beta_2=float(cfg.beta_2 or 0.99), tau=float(cfg.tau or 1e-9), **common)
     return FedAvg(**common)
-
-
-def _nbytes(record: RecordDict) -> int:
-    return sum(len(a.data) for rec in record.array_records.values() for a in rec.values())
 
 
 def _weight(reply: RecordDict) -> float:
@@ -119,10 +116,13 @@ def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], s
 class RecordingStrategy(Strategy):
     """Wraps a Flower strategy: rejects malformed updates and records who was sampled, replied or dropped."""
 
-    def __init__(self, inner: Strategy, min_replies: int = 1, max_update_norm: float | None = None) -> None:
+    def __init__(self, inner: Strategy, min_replies: int = 1, max_update_norm: float | None = None,
+                 secure: bool = False) -> None:
         self.inner = inner
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
+        # secure (SecAgg+): every reply carries the same securely aggregated model, so no per-merchant norm.
+        self.secure = secure
         self._global = ArrayRecord()
         self.record: dict[str, Any] = {}
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -143,7 +143,7 @@ class RecordingStrategy(Strategy):
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         self._global = arrays
         self.record["sampled"] = [m.metadata.dst_node_id for m in messages]
-        self.record["bytes_down_per_merchant"] = _nbytes(messages[0].content) if messages else 0
+        self.record["bytes_down_per_merchant"] = payload_bytes(messages[0].content) if messages else 0
         self.record["t_train_sent"] = time.time()
         return messages
 
@@ -158,7 +158,8 @@ class RecordingStrategy(Strategy):
                 self.record["dropped"].append({"node": node, "reason": f"error: {msg.error.reason}"})
                 continue
             problem = check_update(msg.content, self._expected)
-            norm = None if problem else update_norm(next(iter(msg.content.array_records.values())), reference)
+            norm = None if problem or self.secure else update_norm(next(iter(msg.content.array_records.values())),
+                                                                     reference)
             if norm is not None and self.max_update_norm is not None and norm > self.max_update_norm:
                 problem = f"update L2 norm {norm:.4g} exceeds strategy.max_update_norm={self.max_update_norm:g}"
             if problem:
@@ -169,7 +170,8 @@ class RecordingStrategy(Strategy):
             self.record["replied"].append({
                 "node": node, "merchant_index": metrics.get("merchant-index"),
                 "num_examples": metrics.get(WEIGHT_KEY), "train_loss": metrics.get("train-loss"),
-                "train_seconds": metrics.get("train-seconds"), "update_norm": norm, "bytes_up": _nbytes(msg.content),
+                "train_seconds": metrics.get("train-seconds"), "update_norm": norm,
+                "bytes_up": payload_bytes(msg.content),
                 "bytes_down": self.record["bytes_down_per_merchant"]})
             scores = split_evaluation(metrics)
             if scores:

@@ -45,7 +45,7 @@ def test_federated_simulation_learns_and_writes_run_directory(fed_run):
         assert sorted(x["merchant"] for x in r["replied"]) == fd.names
         assert sorted(x["merchant"] for x in r["sampled"]) == fd.names
         assert {x["num_examples"] for x in r["replied"]} == {len(t) for t in fd.train}
-        assert all(x["bytes_up"] > 100_000 and x["bytes_down"] == x["bytes_up"] for x in r["replied"])
+        assert all(x["bytes_up"] > 100_000 and abs(x["bytes_down"] - x["bytes_up"]) < 1000 for x in r["replied"])
         assert {"loss", "accuracy", "macro_f1"} <= set(r["evaluate"])
         assert r["seconds"] > 0
     # one concise line per round on the console
