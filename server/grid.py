@@ -123,7 +123,7 @@ def describe(msg: Message) -> dict[str, Any]:
     """What a merchant's reply carries, without its values: record names, array dtypes and shapes, scalar types.
 
     Strings are the one exception: they are reported with their value, so an audit shows any text that left
-    a merchant.
+    a merchant. Lists (SecAgg+ keys, shares, masked vectors) are reported as element type, length and bytes.
     """
     out: dict[str, Any] = {"node": msg.metadata.src_node_id, "type": msg.metadata.message_type,
                            "time": time.time(), "error": msg.has_error()}
@@ -134,6 +134,16 @@ def describe(msg: Message) -> dict[str, Any]:
                             for k, a in rec.items()} for name, rec in content.array_records.items()}
     out["metrics"] = {name: {k: type(v).__name__ for k, v in rec.items()}
                       for name, rec in content.metric_records.items()}
-    out["configs"] = {name: {k: v if isinstance(v, str) else type(v).__name__ for k, v in rec.items()}
-                      for name, rec in content.config_records.items()}
+    out["configs"] = {name: {k: _shape_of(v) for k, v in rec.items()} for name, rec in content.config_records.items()}
     return out
+
+
+def _shape_of(value: Any) -> Any:
+    """A config value for the audit: strings as they are, lists as element type, length and bytes, else the type."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        size = sum(len(v) if isinstance(v, bytes | str) else 8 for v in value)
+        return {"list": "|".join(kinds), "len": len(value), "bytes": size}
+    return type(value).__name__

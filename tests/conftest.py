@@ -57,7 +57,9 @@ def assert_replies_carry_no_data(run_dir: Path) -> dict[str, int]:
         counts[msg["type"]] = counts.get(msg["type"], 0) + 1
         for record in msg["metrics"].values():
             assert set(record.values()) <= {"int", "float"}, record  # scalars only: no lists, no per-example
-        if msg["type"] == "train":
+        if msg["type"] == "train" and "secaggplus_configs" in msg["configs"]:
+            _assert_secagg_reply(msg, weights)
+        elif msg["type"] == "train":
             assert set(msg["arrays"]) == {"arrays"}
             got = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in msg["arrays"]["arrays"].items()}
             assert got == model  # exactly the model's parameters: names, shapes, float dtypes
@@ -70,3 +72,26 @@ def assert_replies_carry_no_data(run_dir: Path) -> dict[str, int]:
             assert not names or msg["configs"]["info"]["merchant-name"] in names
     assert counts.get("train", 0) > 0 and counts.get("query", 0) > 0, counts
     return counts
+
+
+def _assert_secagg_reply(msg: dict[str, Any], weights: dict[str, Any]) -> None:
+    """A SecAgg+ stage reply carries only protocol values: public keys, encrypted key shares, node ids, secret
+    shares, or (with the training stage's scalar metrics) one masked uint32 vector per model array."""
+    protocol = msg["configs"]["secaggplus_configs"]
+    if set(protocol) == {"masked_params"}:
+        assert msg["arrays"] == {"fitres.parameters": {}}  # Flower's mod empties the parameters it masked
+        assert set(msg["configs"]) == {"secaggplus_configs", "fitres.metrics", "fitres.status"}
+        assert set(msg["configs"]["fitres.metrics"].values()) <= {"int", "float"}
+        assert msg["configs"]["fitres.status"] == {"code": "int", "message": ""}
+        masked = protocol["masked_params"]
+        params = sum(v.size for v in weights.values())
+        assert masked["list"] == "bytes" and masked["len"] == len(weights) + 1  # + the weight factor
+        assert 4 * params <= masked["bytes"] <= 4 * params + 200 * masked["len"]  # uint32 + npy headers
+        return
+    assert msg["arrays"] == {} and msg["metrics"] == {}
+    assert set(msg["configs"]) == {"secaggplus_configs"}
+    if set(protocol) == {"pk1", "pk2"}:
+        assert protocol == {"pk1": "bytes", "pk2": "bytes"}
+    else:
+        lists = {"dsts": "int", "ctxts": "bytes"} if "ctxts" in protocol else {"nids": "int", "shares": "bytes"}
+        assert {k: v["list"] for k, v in protocol.items()} == lists, protocol

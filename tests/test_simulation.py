@@ -63,6 +63,36 @@ def test_merchant_replies_carry_only_model_arrays_and_scalar_metrics(fed_run):
     assert counts["train"] == 6 and counts["query"] == 3 and counts.get("evaluate", 0) == 3
 
 
+def test_secure_aggregation_simulation_matches_fedavg_and_reveals_no_update(fed_run, tmp_path):
+    """secagg=plus in a real Flower simulation: four protocol stages a round, the first round's model equals
+    the plain run's within the quantisation error, and what merchants sent is protocol values only."""
+    from common import checkpoint as C
+
+    plain_dir, _ = fed_run
+    proc = run_cli("simulation", [*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2",
+                                  "secagg=plus"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed" and results["final"]["accuracy"] > 0.5
+    first = results["rounds"][1]
+    secure = first["secure_aggregation"]
+    assert [s["stage"] for s in secure["stages"]] == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+    assert secure["survivors"] == 3 and secure["num_shares"] == 3 and secure["clipped_values"] == 0
+    sizes = [x["num_examples"] for x in first["replied"]]
+    assert secure["max_weight"] == max(sizes)
+    # |error| < 2R m / sum(q_i), q_i = round(n_i / max_weight * T) (tests/test_secagg.py has the derivation)
+    bound = 2 * 1.0 * 3 / sum(round(n / max(sizes) * 2**22) for n in sizes)
+    got = C.load(run_dir / "checkpoints" / "round_1.pt")["weights"]
+    want = C.load(plain_dir / "checkpoints" / "round_1.pt")["weights"]
+    err = max(float(np.abs(got[k].astype(np.float64) - want[k]).max()) for k in got)
+    assert 0 < err <= bound + 2e-7, (err, bound)
+    plain = json.loads((plain_dir / "results.json").read_text())["rounds"][1]
+    assert first["bytes_up_total"] <= 1.01 * plain["bytes_up_total"]  # masked uint32 vs float32 update
+    counts = assert_replies_carry_no_data(run_dir)
+    assert counts["train"] == 2 * 4 * 3  # rounds x stages x merchants
+
+
 def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
