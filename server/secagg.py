@@ -29,6 +29,8 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
 
 from client.secure import CLIPPED_KEY, NAMES_KEY
 from common.config import FedshopConfig, SecAggConfig
@@ -105,13 +107,48 @@ class _Bridge(LegacyStrategy):
         return None
 
 
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAggPlusWorkflow, where a merchant lost before its key shares reached its neighbours leaves the
+    round instead of breaking it.
+
+    Flower counts every merchant that fails to answer as "dead" for the unmask stage, so it asks the others
+    for their shares of a merchant lost at setup or key sharing, which they never received: a KeyError on
+    every merchant, and the round is lost. Such a merchant masked nothing and was masked by nobody, so here
+    it is dropped from the round's sample and from every neighbourhood at the end of those two stages.
+    """
+
+    _early = True  # inside the setup or key-sharing stage
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's setup stage; merchants that sent no public keys leave the round."""
+        self._early = True
+        return super().setup_stage(grid, context, state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's key-sharing stage; merchants that sent no encrypted shares leave the round."""
+        self._early = True
+        return super().share_keys_stage(grid, context, state)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's stage; from here a lost merchant's masks are rebuilt from its neighbours' shares."""
+        self._early = False
+        return super().collect_masked_vectors_stage(grid, context, state)
+
+    def _check_threshold(self, state: WorkflowState) -> bool:
+        if self._early and state.nid_to_neighbours:
+            keep = set(state.active_node_ids)
+            state.sampled_node_ids = set(keep)
+            state.nid_to_neighbours = {n: peers & keep for n, peers in state.nid_to_neighbours.items() if n in keep}
+        return bool(super()._check_threshold(state))
+
+
 class SecureRound:
     """Runs one training round as SecAgg+ and records what each merchant sent and received, stage by stage."""
 
     def __init__(self, cfg: FedshopConfig, grid: MerchantGrid, strategy: RecordingStrategy) -> None:
         sa: SecAggConfig = cfg.secagg
         self.cfg, self.grid, self.strategy = cfg, grid, strategy
-        self.workflow = SecAggPlusWorkflow(_count(sa.num_shares), _count(sa.reconstruction_threshold),
+        self.workflow = _SecAggPlus(_count(sa.num_shares), _count(sa.reconstruction_threshold),
                                            max_weight=sa.max_weight or FLOWER_MAX_WEIGHT,
                                            clipping_range=sa.clipping_range,
                                            quantization_range=sa.quantization_range,

@@ -180,6 +180,40 @@ def test_client_side_dp_survives_a_lost_merchant_and_is_accounted(deployment):
     assert "epsilon" in deployment.log("server")
 
 
+SECURE_DP = ["secagg=plus", "privacy=client", "privacy.clipping_norm=0.05", "privacy.noise_multiplier=0.5",
+             "privacy.population=3"]
+
+
+def test_secure_aggregation_with_client_dp_across_processes(deployment):
+    """secagg=plus + privacy=client over gRPC: merchants clip, mask and upload; the server unmasks only the
+    sum, noises the mean and accounts it; what left the merchants is protocol values and scalar metrics."""
+    d = deployment
+    d.start_server(*SECURE_DP)
+    for i in range(3):
+        d.start_merchant(i)
+    assert d.wait_server() == 0, d.log("server")
+    results = assert_completed(d)
+    for r in results["rounds"][1:]:
+        secure = r["secure_aggregation"]
+        assert [s["stage"] for s in secure["stages"]] == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+        assert secure["survivors"] == 3 and secure["max_weight"] == 1.0 and r["dropped"] == []
+        assert all(x["update_norm"] is None for x in r["replied"])
+    assert results["privacy"]["releases"] == 2 and results["privacy"]["epsilon"] > 0
+    counts = assert_replies_carry_no_data(d.run_dir)
+    assert counts["train"] == 2 * 4 * 3  # rounds x SecAgg+ stages x merchants
+
+
+@pytest.mark.slow
+def test_secure_aggregation_survives_a_lost_merchant(deployment):
+    """Merchant 2 dies after round 1: SecAgg+ (3 merchants, threshold 2) goes on with the other two."""
+    results = run_losing_merchant_two(deployment, *SECURE_DP)
+    later = results["rounds"][2:]
+    lost = [x for r in later for x in r["dropped"] if x["merchant"] == "merchant_02"]
+    assert lost and all(x["reason"].startswith("no reply in SecAgg+ stage") for x in lost), later
+    assert all(r["attempts"] == 1 and r["secure_aggregation"]["survivors"] == 2 for r in later)
+    assert results["privacy"]["releases"] == 3
+
+
 @pytest.mark.slow
 def test_malformed_shard_fails_fast_while_others_finish(deployment, tmp_path):
     d = deployment

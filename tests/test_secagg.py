@@ -31,7 +31,7 @@ K = 4
 NODES = [101, 102, 103, 104]  # node ids; merchant i runs on NODES[i]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def task_identity():
     """Messages need a task identity, as inside a running ServerApp."""
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -240,6 +240,24 @@ def test_merchants_may_drop_out_down_to_the_reconstruction_threshold(plain_updat
     agg, strategy, _, _ = one_round(cfg, die={n: Stage.COLLECT_MASKED_VECTORS for n in NODES[1:]})
     assert agg is None and strategy.record["too_few_replies"]
     assert strategy.record["replied"] == [] and len(strategy.record["dropped"]) == K
+
+
+@pytest.mark.parametrize("early", [Stage.SETUP, Stage.SHARE_KEYS])
+def test_a_merchant_lost_before_its_shares_arrive_leaves_the_round(plain_updates, early):
+    """Flower's workflow asks the survivors for shares of such a merchant, which they never got (KeyError on
+    every merchant: the round was lost). fedshop drops it from the round; a merchant lost later in the same
+    round is still unmasked from its neighbours' shares."""
+    cfg = config()
+    updates, sizes = plain_updates
+    agg, strategy, _, start = one_round(cfg, die={NODES[0]: early, NODES[3]: Stage.COLLECT_MASKED_VECTORS})
+    survivors = {NODES[1]: float(sizes[NODES[1]]), NODES[2]: float(sizes[NODES[2]])}
+    assert agg is not None, strategy.record["dropped"]
+    exact = mean_update(updates, survivors)
+    err = max(float(np.abs(agg[k].astype(np.float64) - start[k] - exact[k]).max()) for k in agg)
+    assert err <= quantisation_bound(cfg, survivors, max(sizes.values())) + 1e-6
+    reasons = {d["node"]: d["reason"] for d in strategy.record["dropped"]}
+    assert reasons == {NODES[0]: f"no reply in SecAgg+ stage '{early}'",
+                       NODES[3]: "no reply in SecAgg+ stage 'collect_masked_vectors'"}
 
 
 def test_secure_aggregation_with_client_clipping_and_server_noise(plain_updates):
