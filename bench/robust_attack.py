@@ -1,7 +1,8 @@
 """One attacker among 10 merchants: final accuracy / nDCG@10 for FedAvg and each robust option.
 
-The attacker (merchant 0) sends theta - 10 * (its honest update) every round (sign flip, scaled). A
-clean FedAvg run is the reference. Writes bench/results/robust_attack.json.
+The attacker (merchant 0) sends theta - 10 * (its honest update) every round (sign flip, scaled). Every
+strategy also runs without the attacker: what the robust options cost when nobody attacks.
+Writes bench/results/robust_attack.json.
 Usage: python bench/robust_attack.py [--rounds 3] [extra Hydra overrides...]
 """
 
@@ -16,7 +17,7 @@ STRATEGIES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"]
 
 
 def main() -> None:
-    """Clean FedAvg, then each strategy with the attacker; print and write."""
+    """Each strategy without, then with the attacker; print and write."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--merchants", type=int, default=10)
@@ -27,7 +28,7 @@ def main() -> None:
             *a.overrides]
     attack = ["simulation.attackers=[0]", "simulation.attack=sign_flip", f"simulation.attack_scale={a.scale}"]
     rows: list[dict[str, Any]] = []
-    for name, args in [("fedavg, no attacker", ["strategy=fedavg"]),
+    for name, args in [*[(f"{s}, no attacker", [f"strategy={s}"]) for s in STRATEGIES],
                        *[(f"{s}, 1 attacker", [f"strategy={s}", *attack]) for s in STRATEGIES]]:
         out = run_simulation([*base, *args])
         final = out["results"]["final"]

@@ -28,6 +28,15 @@ def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 600) -> su
                           timeout=timeout, check=False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def task_identity():
+    """In-process tests build Flower messages, which need a task identity, as inside a running ServerApp."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
 @pytest.fixture
 def tiny_cfg():
     """A composed, validated config for the tiny model on the review data (3 merchants)."""

@@ -26,7 +26,7 @@ from common.config import compose
 from server.privacy import Ledger, make_private
 from server.strategy import RecordingStrategy, build_strategy
 from tests.conftest import TINY_REVIEWS, run_cli
-from tests.test_strategy import reply, task_identity  # noqa: F401 - the fixture is autouse
+from tests.test_strategy import reply
 
 FLOATS = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -217,3 +217,34 @@ def test_each_preset_runs_end_to_end_in_simulation_and_is_accounted(preset, tmp_
         assert min(norms) > clip
     if preset == "central_adaptive":
         assert results["privacy"]["noise_multiplier"] == 0.5
+
+
+def test_accountant_and_adaptive_clip_resume_from_a_checkpoint(tmp_path):
+    """A resumed DP run goes on spending from where it stopped: the accountant's releases, the population it
+    was accounted over and the adaptive clipping norm come back from the checkpoint."""
+    from common import checkpoint as C
+
+    dp, _ = private_strategy("central_adaptive", 4, noise_multiplier=1.3, target_epsilon=20)
+    before = RecordingStrategy(dp)
+    for _ in range(3):
+        dp.ledger.compose()
+    dp.clipping_norm = 0.37
+    C.save(tmp_path / "round_3.pt", server_round=3, weights={"w": np.zeros(2, np.float32)}, config_json="{}",
+           strategy_state=before.state(), history=[])
+    state = C.load(tmp_path / "round_3.pt")["strategy_state"]
+    elsewhere, _ = private_strategy("central_adaptive", 9, noise_multiplier=1.3)
+    with pytest.raises(ValueError, match="does not match"):  # an accountant for another population refuses it
+        RecordingStrategy(elsewhere).load_state(state)
+    # server/federation.py builds the resumed strategy for the population the checkpoint was accounted over
+    fresh, _ = private_strategy("central_adaptive", state["privacy"]["population"], noise_multiplier=1.3,
+                                target_epsilon=20)
+    after = RecordingStrategy(fresh)
+    after.load_state(state)
+    spent, reference = after.privacy_spent(), before.privacy_spent()
+    assert spent is not None and spent == reference and spent["releases"] == 3 and fresh.clipping_norm == 0.37
+    for _ in range(2):
+        dp.ledger.compose()
+        fresh.ledger.compose()
+    spent, reference = after.privacy_spent(), before.privacy_spent()
+    assert spent is not None and reference is not None and spent["epsilon"] == pytest.approx(reference["epsilon"])
+    assert after.budget_exhausted() == before.budget_exhausted()

@@ -10,7 +10,7 @@ from common.attacks import poison
 from common.config import compose
 from server.strategy import RecordingStrategy, build_strategy
 from tests.conftest import TINY_REVIEWS
-from tests.test_strategy import reply, task_identity  # noqa: F401 - the fixture is autouse
+from tests.test_strategy import reply
 
 ROBUST = ["fedmedian", "fedtrimmedavg", "krum", "multikrum"]
 

@@ -31,15 +31,6 @@ K = 4
 NODES = [101, 102, 103, 104]  # node ids; merchant i runs on NODES[i]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def task_identity():
-    """Messages need a task identity, as inside a running ServerApp."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-
-
 class LocalGrid(Grid):
     """Delivers every message to a real ClientApp at once (one Context per node, as a SuperNode keeps it).
 

@@ -12,15 +12,6 @@ from common.config import compose
 from server.strategy import RecordingStrategy, build_strategy
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages need a task identity, as inside a running ServerApp."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-
-
 def reply(node: int, arrays: dict[str, np.ndarray], metrics: dict[str, Any]) -> Message:
     ask = Message(content=RecordDict(), dst_node_id=node, message_type="train")
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
