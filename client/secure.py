@@ -96,13 +96,14 @@ def _bridge(msg: Message, context: Context, call_next: ClientAppCallable, cfg: F
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def _pack(reply: Message, modulus: int) -> Message:
+def _pack(reply: Message) -> Message:
     """Masked vectors as uint32 rather than Flower's int64: half the upload, and the server's sums stay exact.
 
-    Every masked value lies in [0, modulus) with modulus a power of 2 up to 2^32; the server adds them with
-    numpy, where uint32 wraps modulo 2^32, a multiple of the modulus, before it reduces them modulo it.
+    Every masked value lies in [0, secagg.modulus_range), a power of 2 up to 2^32 (common/config.py); the
+    server adds them with numpy, where uint32 wraps modulo 2^32, a multiple of the modulus, before it
+    reduces them modulo the modulus.
     """
-    if reply.has_error() or modulus > 1 << 32:
+    if reply.has_error():
         return reply
     configs = reply.content.config_records[RECORD_KEY_CONFIGS]
     if Key.MASKED_PARAMETERS in configs:
@@ -120,7 +121,7 @@ def secure_mod(config_of: Callable[[Context], FedshopConfig]) -> Callable[[Messa
         if cfg.secagg.name == "none":
             return call_next(msg, context)
         reply = secaggplus_mod(msg, context, lambda m, c: _bridge(m, c, call_next, cfg))
-        return _pack(reply, cfg.secagg.modulus_range)
+        return _pack(reply)
 
     return secure
 

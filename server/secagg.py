@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 
 from client.secure import CLIPPED_KEY, NAMES_KEY
 from common.config import FedshopConfig, SecAggConfig
+from common.errors import FedshopError
 from server.grid import MerchantGrid, payload_bytes
 from server.strategy import RecordingStrategy
 
@@ -61,6 +62,11 @@ class _Bridge(LegacyStrategy):
         owner = self.owner
         messages = list(owner.strategy.configure_train(server_round, self.arrays, self.config, owner.grid))
         self.sent = {m.metadata.dst_node_id: m for m in messages}
+        sa = owner.cfg.secagg
+        if len(self.sent) * sa.quantization_range >= sa.modulus_range:
+            raise FedshopError(f"secagg: {len(self.sent)} merchants x secagg.quantization_range="
+                               f"{sa.quantization_range} reaches secagg.modulus_range={sa.modulus_range}, so the "
+                               "masked sum would overflow: lower the quantization range or sample fewer merchants")
         owner.workflow.max_weight = owner.max_weight(list(self.sent))
         model = compat.arrayrecord_to_parameters(self.arrays, keep_input=True)
         names = "\n".join(self.arrays.keys())
@@ -217,7 +223,8 @@ class SecureRound:
             rec["too_few_replies"] = True
             rec["replied"] = []
             why = (f"SecAgg+ halted: a merchant kept fewer than the reconstruction threshold "
-                   f"({self.protocol.get('threshold')}) of live neighbours")
+                   f"({self.protocol.get('threshold')}) of live neighbours") if len(bridge.sent) > 1 else (
+                f"SecAgg+ needs at least 2 merchants in a round; {len(bridge.sent)} sampled")
             rec["dropped"] = [{"node": n, "reason": reasons.get(n, why)} for n in bridge.sent]
             log.warning("round %d: %s; the round's updates are lost", server_round, why)
         for entry in rec["dropped"]:

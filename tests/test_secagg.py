@@ -276,6 +276,26 @@ def test_secure_aggregation_with_client_clipping_and_server_noise(plain_updates)
     assert spent is not None and spent["releases"] == 1 and spent["epsilon"] > 0
 
 
+@pytest.mark.parametrize("more", [["privacy=local"], ["strategy=fedprox", "strategy.proximal_mu=0.1"],
+                                  ["strategy=fedadam"]])
+def test_other_presets_and_strategies_aggregate_securely(more):
+    """privacy=local (each masked update already noised; accounted per merchant release), FedProx and FedAdam
+    (applied to the securely averaged update) run through the same bridge."""
+    agg, strategy, _, start = one_round(config(*more))
+    assert agg is not None and strategy.record["secure_aggregation"]["survivors"] == K
+    assert any(not np.array_equal(agg[k], start[k]) for k in agg)
+    if "privacy=local" in more:
+        spent = strategy.privacy_spent()
+        assert spent is not None and spent["releases"] == 1 and spent["sampling"] == "local"
+
+
+def test_a_round_whose_masked_sum_could_overflow_is_refused():
+    from common.errors import FedshopError
+
+    with pytest.raises(FedshopError, match="masked sum would overflow"):
+        one_round(config(f"secagg.quantization_range={2**30}"))  # 4 merchants x 2^30 = 2^32
+
+
 def test_secagg_refuses_what_needs_single_updates():
     from common.errors import FedshopError
 
