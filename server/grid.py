@@ -139,8 +139,9 @@ def describe(msg: Message) -> dict[str, Any]:
 
 
 def _shape_of(value: Any) -> Any:
-    """A config value for the audit: strings as they are, lists as element type, length and bytes, else the type."""
-    if isinstance(value, str):
+    """A config value for the audit: strings (alone or in a list) as they are, other lists as element type,
+    length and bytes, anything else as its type."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
         return value
     if isinstance(value, list):
         kinds = sorted({type(v).__name__ for v in value})
