@@ -32,14 +32,14 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from client.secure import CLIPPED_KEY, NAMES_KEY
+from client.secure import CLIPPED_KEY, NAMES_KEY, weight
 from common.config import FedshopConfig, SecAggConfig
 from common.errors import FedshopError
 from server.grid import MerchantGrid, payload_bytes
 from server.strategy import RecordingStrategy
 
 log = logging.getLogger(__name__)
-FLOWER_MAX_WEIGHT = 1000.0  # SecAggPlusWorkflow's default, used when no merchant reported its size
+FLOWER_MAX_WEIGHT = 1000  # SecAggPlusWorkflow's default, used when no merchant reported its size
 
 
 def _count(value: float) -> int | float:
@@ -166,13 +166,11 @@ class SecureRound:
         self.reasons: dict[int, str] = {}  # why a merchant left the round, at the first stage it failed
 
     def max_weight(self, nodes: list[int]) -> float:
-        """secagg.max_weight; else 1 under DP (unweighted), else the largest training set among `nodes`."""
+        """secagg.max_weight; else the largest weight among `nodes` (1 under DP, else a training-set size)."""
         if self.cfg.secagg.max_weight:
             return float(self.cfg.secagg.max_weight)
-        if self.cfg.privacy.name != "none":
-            return 1.0
-        sizes = [self.grid.sizes[n] for n in nodes if n in self.grid.sizes]
-        return float(max(sizes)) if sizes else FLOWER_MAX_WEIGHT
+        sizes = [self.grid.sizes[n] for n in nodes if n in self.grid.sizes] or [FLOWER_MAX_WEIGHT]
+        return float(max(weight(self.cfg, n) for n in sizes))
 
     def _tap(self, sent: list[Message], replies: list[Message], seconds: float) -> None:
         configs = [m.content.config_records.get(RECORD_KEY_CONFIGS) for m in sent]
