@@ -16,6 +16,7 @@ import numpy as np
 from _util import run_simulation, table, write
 
 from common import data as D
+from common import exchange
 from common import model as M
 from common import train as T
 from common.config import compose
@@ -32,19 +33,19 @@ def direct_rounds(overrides: list[str]) -> list[float]:
     trains = [M.tokenize(t, tok, cfg.train.max_length) for t in fd.train]
     vals = [M.tokenize(v, tok, cfg.train.max_length) for v in fd.val]
     test = M.tokenize(fd.test, tok, cfg.train.max_length)
-    weights = M.get_weights(model)
+    weights = exchange.extract(model)
     T.evaluate(model, test, tok, cfg.train, gains)
     seconds = []
     for rnd in range(1, cfg.strategy.num_rounds + 1):
         t0 = time.perf_counter()
         updates = []
         for k, train in enumerate(trains):
-            M.set_weights(model, weights)
+            exchange.load(model, weights)
             T.train(model, train, tok, cfg.train, cfg.train.local_epochs, cfg.seed * 1_000_003 + rnd * 1009 + k)
-            updates.append((M.get_weights(model), len(train)))
+            updates.append((exchange.extract(model), len(train)))
         total = sum(n for _, n in updates)
         weights = {key: np.sum([w[key] * (n / total) for w, n in updates], axis=0) for key in weights}
-        M.set_weights(model, weights)
+        exchange.load(model, weights)
         for val in vals:
             T.evaluate(model, val, tok, cfg.train, gains)
         T.evaluate(model, test, tok, cfg.train, gains)

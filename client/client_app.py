@@ -3,39 +3,37 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import datasets
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from client import zero_safe_clipping
+from client import flower_patches
 from client.secure import secure_mod
-from common import attacks
+from common import attacks, exchange, wire
 from common import data as D
 from common import model as M
 from common import train as T
-from common.config import FedshopConfig, from_run_config, to_json
+from common.config import FedshopConfig, from_run_config
+from common.errors import FedshopError
+from common.merchant_state import MerchantState
 
 log = logging.getLogger(__name__)
-zero_safe_clipping.install()
-# A train message whose config has EVALUATE_FIRST=1 asks for the received model's validation metrics too;
-# they come back in the train reply's MetricRecord under EVAL_PREFIX.
-EVALUATE_FIRST = "evaluate-first"
-EVAL_PREFIX = "eval-"
 
 
 @dataclass
 class Merchant:
-    """What a merchant keeps between messages: its tokenised shard (the model skeleton is shared)."""
+    """This node's merchant: who it is, its tokenised shard and the (shared) model skeleton it trains."""
 
     index: int
     name: str
@@ -46,53 +44,66 @@ class Merchant:
     gains: list[float] | None
 
 
-# One model skeleton per process (weights are overwritten by every message) and the tokenised shards of
-# the most recent merchants this process served (a simulation actor serves many virtual merchants).
+@dataclass
+class _Shard:
+    index: int
+    name: str
+    train: datasets.Dataset
+    val: datasets.Dataset
+    labels: list[str]
+
+
+# Caches that only save work: one model skeleton per process (every message overwrites its exchanged state)
+# and the tokenised shards of the merchants this process served last (a simulation actor serves many virtual
+# merchants). What a merchant must remember between rounds lives in Context.state (common/merchant_state.py).
 _MODELS: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
-_SHARDS: OrderedDict[tuple[str, str], tuple[int, str, datasets.Dataset, datasets.Dataset, list[str]]] = OrderedDict()
+_SHARDS: OrderedDict[str, _Shard] = OrderedDict()
 MAX_CACHED_SHARDS = 64
 
 
+def _digest(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_shard(cfg: FedshopConfig, node_config: dict[str, Any]) -> tuple[int, str, datasets.Dataset,
+                                                                          datasets.Dataset, list[str]]:
+    """(index, name, train, val, labels) of this node: its own shard file, or a partition in simulation."""
+    if node_config.get(wire.NODE_SHARD):
+        if wire.NODE_MERCHANT_INDEX not in node_config:
+            raise FedshopError(f"node config has '{wire.NODE_SHARD}' but no '{wire.NODE_MERCHANT_INDEX}'")
+        index = int(node_config[wire.NODE_MERCHANT_INDEX])
+        name = str(node_config.get(wire.NODE_MERCHANT_NAME) or f"merchant_{index:02d}")
+        train, val, labels = D.load_shard(str(node_config[wire.NODE_SHARD]), cfg, name)
+        return index, name, train, val, labels
+    fd = D.prepare(cfg)
+    index = int(node_config[wire.NODE_PARTITION_ID])
+    return index, fd.names[index], fd.train[index], fd.val[index], fd.labels
+
+
 def load_merchant(cfg: FedshopConfig, node_config: dict[str, Any]) -> Merchant:
-    """This node's shard (a local file in deployment, a partition in simulation), tokenised and cached."""
-    cfg_key = to_json(cfg)
-    key = (cfg_key, repr(sorted(node_config.items())))
+    """This node's merchant, its shard tokenised once and cached."""
+    model_key = _digest({"model": asdict(cfg.model), "data": asdict(cfg.data), "seed": cfg.seed})
+    key = _digest({"model": model_key, "partition": asdict(cfg.partition), "merchants": cfg.simulation.num_merchants,
+                   "max_length": cfg.train.max_length, "node": node_config})
+    if model_key not in _MODELS:
+        _MODELS.clear()
+        _SHARDS.clear()
+        T.configure_threads(cfg.train)
     if key in _SHARDS:
         _SHARDS.move_to_end(key)
-    if cfg_key not in _MODELS:
-        _MODELS.clear()
-        T.configure_threads(cfg.train)
-        _SHARDS.clear()
-    if key not in _SHARDS:
-        if node_config.get("shard"):
-            index = int(node_config.get("merchant-index", 0))
-            name = str(node_config.get("merchant-name") or f"merchant_{index:02d}")
-            train, val, labels = D.load_shard(str(node_config["shard"]), cfg, name)
-        else:
-            fd = D.prepare(cfg)
-            index = int(node_config["partition-id"])
-            train, val, labels, name = fd.train[index], fd.val[index], fd.labels, fd.names[index]
-        if cfg_key not in _MODELS:
-            _MODELS[cfg_key] = (M.build_model(cfg.model, labels, cfg.seed), M.load_tokenizer(cfg.model))
-        tokenizer = _MODELS[cfg_key][1]
-        _SHARDS[key] = (index, name, M.tokenize(train, tokenizer, cfg.train.max_length),
-                        M.tokenize(val, tokenizer, cfg.train.max_length), labels)
+    else:
+        index, name, train, val, labels = _read_shard(cfg, node_config)
+        if model_key not in _MODELS:
+            _MODELS[model_key] = (M.build_model(cfg.model, labels, cfg.seed), M.load_tokenizer(cfg.model))
+        tokenizer = _MODELS[model_key][1]
+        _SHARDS[key] = _Shard(index, name, M.tokenize(train, tokenizer, cfg.train.max_length),
+                              M.tokenize(val, tokenizer, cfg.train.max_length), labels)
         while len(_SHARDS) > MAX_CACHED_SHARDS:
             _SHARDS.popitem(last=False)
-    index, name, train_tok, val_tok, labels = _SHARDS[key]
-    model, tokenizer = _MODELS[cfg_key]
-    return Merchant(index=index, name=name, model=model, tokenizer=tokenizer, train=train_tok, val=val_tok,
-                    gains=D.label_gains(cfg.data, labels))
-
-
-def to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
-    """numpy weights -> Flower ArrayRecord (key order kept)."""
-    return ArrayRecord({k: Array(v) for k, v in weights.items()})
-
-
-def from_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Flower ArrayRecord -> numpy weights."""
-    return {k: v.numpy() for k, v in record.items()}
+    shard = _SHARDS[key]
+    model, tokenizer = _MODELS[model_key]
+    return Merchant(shard.index, shard.name, model, tokenizer, shard.train, shard.val,
+                    D.label_gains(cfg.data, shard.labels))
 
 
 @functools.lru_cache(maxsize=4)
@@ -101,13 +112,7 @@ def _run_config(run_config_json: str) -> FedshopConfig:
     return from_run_config(json.loads(run_config_json))
 
 
-def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
-    """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run."""
-    app = ClientApp()
-
-    def config_of(context: Context) -> FedshopConfig:
-        return fixed_cfg or _run_config(json.dumps(dict(context.run_config), sort_keys=True))
-
+def _privacy_mod(config_of: Callable[[Context], FedshopConfig]) -> Mod:
     def privacy(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         """privacy=client: Flower's fixedclipping_mod; privacy=local: Flower's LocalDpMod; else nothing."""
         p = config_of(context).privacy
@@ -118,49 +123,64 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
                                                                                                 call_next)
         return call_next(msg, context)
 
-    def setup(msg: Message, context: Context) -> tuple[FedshopConfig, Merchant, int]:
+    return privacy
+
+
+def _train(cfg: FedshopConfig, merchant: Merchant, ins: wire.Instruction, context: Context) -> wire.TrainReply:
+    """Evaluate the received model (when asked), fine-tune it locally, and say what was learnt."""
+    evaluated: dict[str, float] = {}
+    if ins.evaluate_first:  # the received global model, before training changes it (strategy.evaluate_with_train)
+        evaluated = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
+    seed = cfg.seed * 1_000_003 + ins.server_round * 1009 + merchant.index
+    metrics = T.train(merchant.model, merchant.train, merchant.tokenizer, cfg.train, cfg.train.local_epochs,
+                      seed, proximal_mu=ins.proximal_mu, desc=f"{merchant.name} round {ins.server_round}")
+    n = int(metrics.pop(wire.NUM_EXAMPLES))
+    arrays = exchange.extract(merchant.model)
+    if merchant.index in cfg.simulation.attackers:  # robustness tests only
+        arrays = attacks.poison(arrays, wire.from_arrays(ins.arrays), cfg.simulation.attack,
+                                cfg.simulation.attack_scale)
+    state = MerchantState.load(context.state).trained(ins.server_round, n * cfg.train.local_epochs)
+    state.save(context.state)
+    return wire.TrainReply(wire.to_arrays(arrays), n, merchant.index, state.rounds_trained, metrics, evaluated)
+
+
+def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
+    """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run."""
+    app = ClientApp()
+
+    def config_of(context: Context) -> FedshopConfig:
+        return fixed_cfg or _run_config(json.dumps(dict(context.run_config), sort_keys=True))
+
+    def receive(msg: Message, context: Context) -> tuple[FedshopConfig, Merchant, wire.Instruction]:
         cfg = config_of(context)
+        ins = wire.Instruction.from_content(msg.content)
         merchant = load_merchant(cfg, dict(context.node_config))
-        M.set_weights(merchant.model, from_arrays(msg.content.array_records["arrays"]))
-        return cfg, merchant, int(str(msg.content.config_records["config"]["server-round"]))
+        exchange.load(merchant.model, wire.from_arrays(ins.arrays))
+        return cfg, merchant, ins
+
+    @app.lifespan()
+    def lifespan(context: Context) -> Iterator[None]:
+        flower_patches.apply_clientapp()  # in whichever process runs the app (a Ray actor, a forked task)
+        yield
 
     # secagg=plus: SecAgg+ masks what the privacy mod (clipping, local noise) hands back.
-    @app.train(mods=[secure_mod(config_of), privacy])
+    @app.train(mods=[secure_mod(config_of), _privacy_mod(config_of)])
     def train(msg: Message, context: Context) -> Message:
-        cfg, merchant, rnd = setup(msg, context)
-        config = msg.content.config_records["config"]
-        mu = float(str(config.get("proximal-mu", 0.0)))
-        evaluated: dict[str, float | int] = {}
-        if int(str(config.get(EVALUATE_FIRST, 0))):
-            # The received global model, evaluated before training changes it (see strategy.evaluate_with_train).
-            scores = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
-            evaluated = {f"{EVAL_PREFIX}{k}": v for k, v in scores.items()}
-        seed = cfg.seed * 1_000_003 + rnd * 1009 + merchant.index
-        metrics = T.train(merchant.model, merchant.train, merchant.tokenizer, cfg.train, cfg.train.local_epochs,
-                          seed, proximal_mu=mu, desc=f"{merchant.name} round {rnd}")
-        weights = M.get_weights(merchant.model)
-        if merchant.index in cfg.simulation.attackers:  # robustness tests only
-            received = from_arrays(msg.content.array_records["arrays"])
-            weights = attacks.poison(weights, received, cfg.simulation.attack, cfg.simulation.attack_scale)
-        reply = RecordDict({"arrays": to_arrays(weights),
-                            "metrics": MetricRecord({**metrics, **evaluated, "merchant-index": merchant.index})})
-        return Message(content=reply, reply_to=msg)
+        cfg, merchant, ins = receive(msg, context)
+        return Message(content=_train(cfg, merchant, ins, context).to_content(), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, merchant, _ = setup(msg, context)
-        metrics = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
-        reply = RecordDict({"metrics": MetricRecord({**metrics, "merchant-index": merchant.index})})
-        return Message(content=reply, reply_to=msg)
+        cfg, merchant, _ = receive(msg, context)
+        scores = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
+        n = int(scores.pop(wire.NUM_EXAMPLES))
+        return Message(content=wire.EvaluateReply(n, merchant.index, scores).to_content(), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        cfg = config_of(context)
-        merchant = load_merchant(cfg, dict(context.node_config))
-        reply = RecordDict({"metrics": MetricRecord({"merchant-index": merchant.index,
-                                                     "num-examples": len(merchant.train)}),
-                            "info": ConfigRecord({"merchant-name": merchant.name})})
-        return Message(content=reply, reply_to=msg)
+        merchant = load_merchant(config_of(context), dict(context.node_config))
+        reply = wire.QueryReply(merchant.index, merchant.name, len(merchant.train))
+        return Message(content=reply.to_content(), reply_to=msg)
 
     return app
 

@@ -17,6 +17,8 @@ from common.attacks import ATTACKS
 from common.errors import FedshopError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# conf/ may derive one value from another: `${times:2,${.noise_multiplier}}`.
+OmegaConf.register_new_resolver("times", lambda a, b: float(a) * float(b), replace=True)
 
 
 @dataclass
@@ -136,7 +138,7 @@ class PrivacyConfig:
     population: int | None = None
     target_clipped_quantile: float = MISSING
     clip_norm_lr: float = MISSING
-    clipped_count_stddev: float | None = None
+    clipped_count_stddev: float = MISSING
     local_epsilon: float = MISSING
     local_delta: float = MISSING
 
@@ -269,6 +271,10 @@ class FedshopConfig:
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+# The fields each strategy reads (conf/strategy/<name>.yaml sets them; null elsewhere).
+STRATEGY_FIELDS = {"fedprox": ("proximal_mu",), "fedadam": ("eta", "eta_l", "beta_1", "beta_2", "tau"),
+                   "fedtrimmedavg": ("beta",), "krum": ("num_malicious_nodes",),
+                   "multikrum": ("num_malicious_nodes", "num_nodes_to_select")}
 PRIVACY = ("none", "central", "central_adaptive", "client", "local")
 
 
@@ -279,8 +285,19 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 def validate(cfg: FedshopConfig) -> FedshopConfig:
     """Check value ranges and cross-field rules; return cfg unchanged when all hold."""
-    d, t, s = cfg.data, cfg.train, cfg.strategy
     _check(cfg.mode in {"federated", "centralized", "alone"}, "mode", cfg.mode, "federated|centralized|alone")
+    _validate_data(cfg)
+    _validate_train(cfg.train)
+    _validate_strategy(cfg)
+    _validate_simulation(cfg)
+    _validate_privacy(cfg)
+    _validate_secagg(cfg)
+    _validate_serving(cfg.serving)
+    return cfg
+
+
+def _validate_data(cfg: FedshopConfig) -> None:
+    d = cfg.data
     _check(d.source in {"synthetic", "file"}, "data.source", d.source, "synthetic|file")
     _check(d.task in {"relevance", "sentiment"}, "data.task", d.task, "relevance|sentiment")
     _check(d.source != "file" or bool(d.path), "data.path", d.path, "a file path when data.source=file")
@@ -294,23 +311,61 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(p.name in {"natural", "dirichlet", "iid"}, "partition.name", p.name, "natural|dirichlet|iid")
     _check(p.name != "natural" or bool(d.columns.merchant), "data.columns.merchant", d.columns.merchant,
            "a column name when partition=natural")
-    _check(p.name != "dirichlet" or (p.alpha or 0) > 0, "partition.alpha", p.alpha, "> 0")
+    _check(p.name != "dirichlet" or (p.alpha is not None and p.alpha > 0), "partition.alpha", p.alpha, "> 0")
+    _check(p.name != "dirichlet" or (p.min_partition_size is not None and p.min_partition_size >= 0),
+           "partition.min_partition_size", p.min_partition_size, ">= 0 with partition=dirichlet")
     _check(cfg.model.name in {"minilm", "tiny", "local"}, "model.name", cfg.model.name, "minilm|tiny|local")
     _check(cfg.model.name != "local" or bool(cfg.model.path), "model.path", cfg.model.path,
            "a local Hugging Face model directory when model=local")
+
+
+def _validate_train(t: TrainConfig) -> None:
     for key in ("local_epochs", "batch_size", "eval_batch_size", "max_length"):
         _check(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "> 0")
     _check(t.lr > 0, "train.lr", t.lr, "> 0")
     _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", t.warmup_ratio, "a fraction in [0, 1)")
     _check(t.device in {"auto", "cpu", "cuda"}, "train.device", t.device, "auto|cpu|cuda")
+
+
+def _validate_strategy(cfg: FedshopConfig) -> None:
+    s = cfg.strategy
     _check(s.name in STRATEGIES, "strategy.name", s.name, "|".join(STRATEGIES))
     _check(s.max_update_norm is None or s.max_update_norm > 0, "strategy.max_update_norm", s.max_update_norm,
            "> 0 or null")
+    for key in STRATEGY_FIELDS.get(s.name, ()):
+        _check(getattr(s, key) is not None, f"strategy.{key}", getattr(s, key),
+               f"a value for strategy={s.name} (conf/strategy/{s.name}.yaml sets it)")
     _check(s.beta is None or 0.0 <= s.beta < 0.5, "strategy.beta", s.beta, "a fraction in [0, 0.5)")
     _check(s.num_malicious_nodes is None or s.num_malicious_nodes >= 0, "strategy.num_malicious_nodes",
            s.num_malicious_nodes, ">= 0")
     _check(s.num_nodes_to_select is None or s.num_nodes_to_select >= 1, "strategy.num_nodes_to_select",
            s.num_nodes_to_select, ">= 1")
+    _check(s.num_rounds > 0, "strategy.num_rounds", s.num_rounds, "> 0")
+    _check(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train", s.fraction_train, "a fraction in (0, 1]")
+    _check(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction_evaluate", s.fraction_evaluate, "in [0, 1]")
+    _check(s.min_replies >= 1, "strategy.min_replies", s.min_replies, ">= 1")
+    _check(s.round_retries >= 0, "strategy.round_retries", s.round_retries, ">= 0")
+    _check(s.round_timeout > 0, "strategy.round_timeout", s.round_timeout, "> 0")
+
+
+
+def _validate_simulation(cfg: FedshopConfig) -> None:
+    s = cfg.strategy
+    _check(cfg.deploy.executor in {"forkserver", "subprocess"}, "deploy.executor", cfg.deploy.executor,
+           "forkserver|subprocess")
+    k = cfg.simulation.num_merchants
+    _check(k > 0, "simulation.num_merchants", k, "> 0")
+    _check(all(0 <= a < k for a in cfg.simulation.attackers), "simulation.attackers", cfg.simulation.attackers,
+           f"partition ids in 0..{k - 1}")
+    _check(s.min_available_nodes <= k, "strategy.min_available_nodes", s.min_available_nodes,
+           f"<= simulation.num_merchants ({k})")
+    _check(s.min_train_nodes <= k, "strategy.min_train_nodes", s.min_train_nodes,
+           f"<= simulation.num_merchants ({k})")
+    _check(cfg.simulation.attack in ATTACKS, "simulation.attack", cfg.simulation.attack, "|".join(ATTACKS))
+
+
+def _validate_privacy(cfg: FedshopConfig) -> None:
+    s = cfg.strategy
     dp = cfg.privacy
     _check(dp.name in PRIVACY, "privacy.name", dp.name, "|".join(PRIVACY))
     _check(dp.clipping_norm > 0, "privacy.clipping_norm", dp.clipping_norm, "> 0")
@@ -322,22 +377,14 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(0.0 <= dp.target_clipped_quantile <= 1.0, "privacy.target_clipped_quantile",
            dp.target_clipped_quantile, "in [0, 1]")
     _check(dp.clip_norm_lr > 0, "privacy.clip_norm_lr", dp.clip_norm_lr, "> 0")
+    _check(dp.clipped_count_stddev >= 0, "privacy.clipped_count_stddev", dp.clipped_count_stddev, ">= 0")
     _check(dp.local_epsilon > 0, "privacy.local_epsilon", dp.local_epsilon, "> 0")
     _check(0.0 < dp.local_delta < 1.0, "privacy.local_delta", dp.local_delta, "in (0, 1)")
     _check(dp.name == "none" or s.name in {"fedavg", "fedprox"}, "strategy.name", s.name,
            f"fedavg or fedprox with privacy={dp.name} (its noise is calibrated to a mean of clipped updates)")
-    _validate_secagg(cfg)
-    sim = cfg.simulation
-    _check(sim.attack in ATTACKS, "simulation.attack", sim.attack, "|".join(ATTACKS))
-    _check(s.num_rounds > 0, "strategy.num_rounds", s.num_rounds, "> 0")
-    _check(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train", s.fraction_train, "a fraction in (0, 1]")
-    _check(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction_evaluate", s.fraction_evaluate, "in [0, 1]")
-    _check(s.min_replies >= 1, "strategy.min_replies", s.min_replies, ">= 1")
-    _check(s.round_retries >= 0, "strategy.round_retries", s.round_retries, ">= 0")
-    _check(s.round_timeout > 0, "strategy.round_timeout", s.round_timeout, "> 0")
-    _check(cfg.deploy.executor in {"forkserver", "subprocess"}, "deploy.executor", cfg.deploy.executor,
-           "forkserver|subprocess")
-    v = cfg.serving
+
+
+def _validate_serving(v: ServingConfig) -> None:
     _check(v.form in {"fp32", "int8", "onnx", "onnx-int8"}, "serving.form", v.form, "fp32|int8|onnx|onnx-int8")
     for key in ("max_length", "retrieve_top_n", "default_k", "max_k", "max_candidates", "max_query_chars",
                 "batch_max_requests", "ann_min_products", "ann_m", "ann_ef_search"):
@@ -357,15 +404,6 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
            r.max_per_category, "> 0 or null")
     _check(r.price_min is None or r.price_max is None or r.price_min <= r.price_max, "serving.rules.price_min",
            r.price_min, f"<= serving.rules.price_max ({r.price_max})")
-    k = cfg.simulation.num_merchants
-    _check(k > 0, "simulation.num_merchants", k, "> 0")
-    _check(all(0 <= a < k for a in cfg.simulation.attackers), "simulation.attackers", cfg.simulation.attackers,
-           f"partition ids in 0..{k - 1}")
-    _check(s.min_available_nodes <= k, "strategy.min_available_nodes", s.min_available_nodes,
-           f"<= simulation.num_merchants ({k})")
-    _check(s.min_train_nodes <= k, "strategy.min_train_nodes", s.min_train_nodes,
-           f"<= simulation.num_merchants ({k})")
-    return cfg
 
 
 def _validate_secagg(cfg: FedshopConfig) -> None:

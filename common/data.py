@@ -184,9 +184,9 @@ def partition(pool: datasets.Dataset, cfg: FedshopConfig, source: str) -> tuple[
     else:
         num = p.num_partitions or k
         if p.name == "dirichlet":
-            assert p.alpha is not None
+            assert p.alpha is not None and p.min_partition_size is not None  # common/config.py checked both
             partitioner = DirichletPartitioner(num_partitions=num, partition_by="label", alpha=p.alpha,
-                                               min_partition_size=p.min_partition_size or 0, seed=cfg.seed)
+                                               min_partition_size=p.min_partition_size, seed=cfg.seed)
         else:
             partitioner = IidPartitioner(num_partitions=num)
             pool = pool.shuffle(seed=cfg.seed)

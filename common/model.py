@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from transformers import (
@@ -94,25 +93,6 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     key = f"fedshop-tokenize-v1|{ds._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}|{has_pair}"
     return ds.map(enc, batched=True, remove_columns=drop, desc=None,
                   new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
-
-
-def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The model's state as name -> float32/int numpy arrays (copies, CPU)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def set_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
-    """Load name -> numpy arrays into the model; names and shapes must match exactly."""
-    state = model.state_dict()
-    missing = sorted(set(state) - set(weights))
-    extra = sorted(set(weights) - set(state))
-    if missing or extra:
-        raise FedshopError(f"weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(state[k].shape):
-            raise FedshopError(f"weights do not fit the model: {k} has shape {v.shape}, expected "
-                               f"{tuple(state[k].shape)}")
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, labels: list[str], out_dir: Path) -> None:

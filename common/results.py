@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from common import wire
 from common.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ def summary_line(record: dict[str, Any]) -> str:
     for key, name in (("accuracy", "acc"), ("macro_f1", "macro-F1"), ("ndcg@10", "nDCG@10")):
         if key in s:
             parts.append(f"{name} {s[key]:.3f}")
-    if "train" in record and record["train"] and "train-loss" in record["train"]:
-        parts.append(f"train-loss {record['train']['train-loss']:.4f}")
+    if record.get("train") and wire.TRAIN_LOSS in record["train"]:
+        parts.append(f"train-loss {record['train'][wire.TRAIN_LOSS]:.4f}")
     if record.get("privacy"):
         parts.append(f"epsilon {record['privacy']['epsilon']:.3f} (delta {record['privacy']['delta']:g})")
     parts.append(f"{record.get('seconds', 0.0):.1f}s")
@@ -94,7 +95,7 @@ def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
     ax1.set_title("global model on held-out test")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    for group, key, label in (("server", "loss", "test loss"), ("train", "train-loss", "train loss (merchants)"),
+    for group, key, label in (("server", "loss", "test loss"), ("train", wire.TRAIN_LOSS, "train loss (merchants)"),
                               ("evaluate", "loss", "validation loss (merchants)")):
         pts = [(r["round"], (r.get(group) or {}).get(key)) for r in rounds]
         pts = [(x, y) for x, y in pts if y is not None]

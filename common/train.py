@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from common import wire
 from common.config import TrainConfig
 from common.metrics import classification_report
 
@@ -104,8 +105,8 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
     model.to("cpu")
-    return {"train-loss": total_loss / max(seen, 1), "num-examples": len(ds),
-            "train-seconds": time.perf_counter() - t0}
+    return {wire.TRAIN_LOSS: total_loss / max(seen, 1), wire.NUM_EXAMPLES: len(ds),
+            wire.TRAIN_SECONDS: time.perf_counter() - t0}
 
 
 @torch.no_grad()
@@ -130,7 +131,7 @@ def evaluate(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrained
              label_gains: list[float] | None) -> dict[str, float]:
     """loss, accuracy, macro_f1 and (relevance) ndcg@10 of the model on tokenised `ds`."""
     if len(ds) == 0:
-        return {"loss": 0.0, "accuracy": 0.0, "macro_f1": 0.0, "num-examples": 0}
+        return {"loss": 0.0, "accuracy": 0.0, "macro_f1": 0.0, wire.NUM_EXAMPLES: 0}
     probs, loss = predict(model, ds, tokenizer, cfg)
     report = classification_report(ds["label"], probs, probs.shape[1], ds["query_id"], label_gains)
-    return {"loss": loss, **report, "num-examples": len(ds)}
+    return {"loss": loss, **report, wire.NUM_EXAMPLES: len(ds)}

@@ -18,8 +18,9 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from common import wire
+
 log = logging.getLogger(__name__)
-QUERY = "query"
 
 
 class MerchantGrid(Grid):
@@ -88,17 +89,18 @@ class MerchantGrid(Grid):
         unknown = [n for n in node_ids if n not in self.index]
         if not unknown:
             return
-        asks = [Message(content=RecordDict(), message_type=QUERY, dst_node_id=n) for n in unknown]
+        asks = [Message(content=RecordDict(), message_type=wire.QUERY, dst_node_id=n) for n in unknown]
         for reply in self.send_and_receive(asks, timeout=self.timeout):
-            if reply.has_error():
-                log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
-                continue
             node = reply.metadata.src_node_id
-            metrics = next(iter(reply.content.metric_records.values()))
-            self.index[node] = int(metrics["merchant-index"])  # type: ignore[arg-type]
-            self.sizes[node] = int(metrics["num-examples"])  # type: ignore[arg-type]
-            info = reply.content.config_records.get("info")
-            self.names[node] = str(info["merchant-name"]) if info else f"merchant_{self.index[node]:02d}"
+            try:
+                if reply.has_error():
+                    raise wire.WireError(reply.error.reason)
+                who = wire.QueryReply.from_content(reply.content)
+            except wire.WireError as err:
+                log.warning("node %d did not identify itself: %s", node, err)
+                continue
+            self.index[node], self.names[node], self.sizes[node] = (who.merchant_index, who.merchant_name,
+                                                                    who.num_examples)
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected node ids, in merchant order (unidentified nodes last, by id)."""

@@ -37,12 +37,10 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting import PrivacyConfig as AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from client import zero_safe_clipping
 from common.config import PrivacyConfig, StrategyConfig
-from server.strategy import WEIGHT_KEY
+from server.flower_patches import AdaptiveNoiseFix
 
 log = logging.getLogger(__name__)
-zero_safe_clipping.install()
 
 
 def local_noise_multiplier(epsilon: float, delta: float) -> float:
@@ -101,14 +99,9 @@ class Ledger:
         self.accountant.load_state_dict(state["accountant"])
 
 
-def _uniform(replies: list[Message]) -> None:
-    """Weight 1 for every reply (RecordingStrategy has recorded the real example counts already)."""
-    for msg in replies:
-        next(iter(msg.content.metric_records.values()))[WEIGHT_KEY] = 1
-
-
-class _TolerantMixin:
-    """Noise calibrated to the replies that are aggregated; one accounted release per aggregated round."""
+class Private:
+    """A DP preset's strategy: noise calibrated to the replies that are aggregated, one accounted release per
+    aggregated round. The replies arrive weighted 1 each (server/strategy.py's Aggregator under a DP preset)."""
 
     ledger: Ledger
     num_sampled_clients: int
@@ -116,11 +109,10 @@ class _TolerantMixin:
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the replies that arrived (unweighted), add noise for that many, account the release."""
+        """Aggregate the replies that arrived, add noise for that many, account the release."""
         replies = list(replies)
         if not replies:
             return None, None
-        _uniform(replies)
         self.num_sampled_clients = len(replies)  # Flower's wrappers compute the noise stdev from this
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None:
@@ -140,34 +132,22 @@ class _TolerantMixin:
         self.clipping_norm = float(state["clipping_norm"])
 
 
-class CentralFixed(_TolerantMixin, DifferentialPrivacyServerSideFixedClipping):
+class CentralFixed(Private, DifferentialPrivacyServerSideFixedClipping):
     """privacy=central: the server clips each update to C and noises the mean."""
 
 
-class CentralAdaptive(_TolerantMixin, DifferentialPrivacyServerSideAdaptiveClipping):
-    """privacy=central_adaptive: as central, with C following a quantile of the update norms.
-
-    Flower 1.39 updates C before it noises the aggregate, so the noise used the next round's C; here the
-    noise uses the C the updates were clipped to.
-    """
-
-    _clip_used = 0.0
+class CentralAdaptive(AdaptiveNoiseFix, Private, DifferentialPrivacyServerSideAdaptiveClipping):
+    """privacy=central_adaptive: as central, with C following a quantile of the update norms (the noise uses
+    the C the updates were clipped to: patch 4 in server/flower_patches.py)."""
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """As _TolerantMixin, remembering this round's clipping norm for the noise."""
-        self._clip_used = self.clipping_norm
+        """As Private, remembering this round's clipping norm for the noise."""
+        self.remember_clipping_norm()
         return super().aggregate_train(server_round, replies)
 
-    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        updated, self.clipping_norm = self.clipping_norm, self._clip_used
-        try:
-            return super()._add_noise_to_aggregated_arrays(aggregated)
-        finally:
-            self.clipping_norm = updated
 
-
-class ClientFixed(_TolerantMixin, DifferentialPrivacyClientSideFixedClipping):
+class ClientFixed(Private, DifferentialPrivacyClientSideFixedClipping):
     """privacy=client: merchants clip (fixedclipping_mod); the server noises the mean."""
 
 
@@ -201,7 +181,7 @@ class _Delegate(Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
-class LocalAccounted(_TolerantMixin, _Delegate):
+class LocalAccounted(Private, _Delegate):
     """privacy=local: merchants clip and noise (LocalDpMod); the server averages unweighted and accounts."""
 
     def __init__(self, strategy: FedAvg, ledger: Ledger, clipping_norm: float) -> None:
@@ -227,10 +207,9 @@ def make_private(inner: FedAvg, cfg: PrivacyConfig, strategy: StrategyConfig, po
     elif cfg.name == "client":
         wrapped = ClientFixed(inner, cfg.noise_multiplier, cfg.clipping_norm, sample)
     elif cfg.name == "central_adaptive":
-        count_std = cfg.clipped_count_stddev if cfg.clipped_count_stddev is not None else 2 * cfg.noise_multiplier
         wrapped = CentralAdaptive(inner, cfg.noise_multiplier, sample, initial_clipping_norm=cfg.clipping_norm,
                                   target_clipped_quantile=cfg.target_clipped_quantile,
-                                  clip_norm_lr=cfg.clip_norm_lr, clipped_count_stddev=count_std)
+                                  clip_norm_lr=cfg.clip_norm_lr, clipped_count_stddev=cfg.clipped_count_stddev)
     else:
         wrapped = LocalAccounted(inner, ledger, cfg.clipping_norm)
     wrapped.ledger = ledger

@@ -1,15 +1,20 @@
-"""Strategy factory (Flower's FedAvg / FedProx / FedAdam) and a recording wrapper that validates replies."""
+"""Flower's strategies built from conf/, and the Aggregator: the strategy chain behind reply validation.
+
+The Aggregator hands Flower's strategies a view of each valid reply (the exchanged arrays and the training
+metrics, weighted by the example count, or by 1 under a DP preset) and returns a typed round report; the
+replies themselves are never changed.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -24,60 +29,52 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from client.client_app import EVAL_PREFIX
+from common import wire
 from common.config import StrategyConfig
+from server import flower_patches
 from server.grid import payload_bytes
+from server.privacy import Private
+from server.report import Dropped, Evaluated, EvaluateResult, Replied, TrainReport, TrainResult
 
 log = logging.getLogger(__name__)
-WEIGHT_KEY = "num-examples"
-INFO_KEYS = ("merchant-index",)
 
 
-def _aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Flower's weighted metric average, without the per-merchant bookkeeping keys."""
-    out = aggregate_metricrecords(records, weight_key)
-    for key in INFO_KEYS:
-        out.pop(key, None)
-    return out
+def _set(value: float | int | None) -> Any:
+    """A field of the chosen strategy: common/config.py's validate() has refused the config if it is null."""
+    assert value is not None
+    return value
 
 
-def split_evaluation(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The validation metrics a train reply carries (EVAL_PREFIX keys, prefix removed); {} when none."""
-    return {k[len(EVAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(EVAL_PREFIX)}
+def _view(content: RecordDict, reply: Message) -> Message:
+    """A message with `reply`'s metadata (sender, round) and other content: what a Flower strategy is handed."""
+    return Message(content=content, metadata=reply.metadata)  # type: ignore[call-overload]
 
 
 def build_strategy(cfg: StrategyConfig) -> FedAvg:
-    """Flower's strategy for strategy.name, weighted by each merchant's number of training examples."""
+    """Flower's strategy for strategy.name, weighted by each merchant's number of training examples.
+
+    Every value comes from conf/strategy/ (common/config.py has checked that the chosen strategy's are set).
+    """
     common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
-        min_available_nodes=cfg.min_available_nodes, weighted_by_key=WEIGHT_KEY,
-        train_metrics_aggr_fn=_aggregate_metrics, evaluate_metrics_aggr_fn=_aggregate_metrics)
+        min_available_nodes=cfg.min_available_nodes, weighted_by_key=wire.NUM_EXAMPLES,
+        arrayrecord_key=wire.ARRAYS, configrecord_key=wire.CONFIG)
     if cfg.name == "fedmedian":
         return FedMedian(**common)
     if cfg.name == "fedtrimmedavg":
-        return FedTrimmedAvg(beta=0.2 if cfg.beta is None else float(cfg.beta), **common)
+        return FedTrimmedAvg(beta=_set(cfg.beta), **common)
     if cfg.name == "krum":
-        return Krum(num_malicious_nodes=int(cfg.num_malicious_nodes or 0), **common)
+        return Krum(num_malicious_nodes=_set(cfg.num_malicious_nodes), **common)
     if cfg.name == "multikrum":
-        return MultiKrum(num_malicious_nodes=int(cfg.num_malicious_nodes or 0),
-                         num_nodes_to_select=int(cfg.num_nodes_to_select or 1), **common)
+        return MultiKrum(num_malicious_nodes=_set(cfg.num_malicious_nodes),
+                         num_nodes_to_select=_set(cfg.num_nodes_to_select), **common)
     if cfg.name == "fedprox":
-        return FedProx(proximal_mu=float(cfg.proximal_mu or 0.0), **common)
+        return FedProx(proximal_mu=_set(cfg.proximal_mu), **common)
     if cfg.name == "fedadam":
-        return FedAdam(eta=float(cfg.eta or 1e-3), eta_l=float(cfg.eta_l or 1e-3), beta_1=float(cfg.beta_1 or 0.9),
-                       beta_2=float(cfg.beta_2 or 0.99), tau=float(cfg.tau or 1e-9), **common)
+        return FedAdam(eta=_set(cfg.eta), eta_l=_set(cfg.eta_l), beta_1=_set(cfg.beta_1), beta_2=_set(cfg.beta_2),
+                       tau=_set(cfg.tau), **common)
     return FedAvg(**common)
-
-
-def _weight(reply: RecordDict) -> float:
-    value = next(iter(reply.metric_records.values())).get(WEIGHT_KEY)
-    return float(value) if isinstance(value, int | float) else 0.0
-
-
-def _merchant_index(reply: RecordDict) -> float:
-    value = next(iter(reply.metric_records.values())).get("merchant-index")
-    return float(value) if isinstance(value, int | float) else float("inf")
 
 
 def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
@@ -89,21 +86,13 @@ def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
     return math.sqrt(total)
 
 
-def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
-    """Why a training reply must not be aggregated (None when it is fine).
-
-    Checked: one ArrayRecord and one MetricRecord, a positive finite example count, the global model's
-    array names, shapes and dtypes, and finite values (the norm bound is checked by RecordingStrategy).
-    """
-    if len(reply.array_records) != 1 or len(reply.metric_records) != 1:
-        return "expected one ArrayRecord and one MetricRecord"
-    metrics = next(iter(reply.metric_records.values()))
-    n = metrics.get(WEIGHT_KEY)
-    if not isinstance(n, int | float) or isinstance(n, bool) or not math.isfinite(float(n)) or n <= 0:
-        return f"missing or invalid {WEIGHT_KEY}={n!r}"
-    arrays = next(iter(reply.array_records.values()))
+def check_update(arrays: ArrayRecord, expected: wire.Spec) -> str | None:
+    """Why a reply's arrays must not be aggregated (None when they are fine): the exchanged state's names,
+    shapes and dtypes, and finite values."""
     if set(arrays.keys()) != set(expected):
-        return f"array names differ from the global model ({len(arrays)} vs {len(expected)} arrays)"
+        unexpected = sorted(set(arrays.keys()) - set(expected))
+        return (f"array names differ from the exchanged state ({len(arrays)} vs {len(expected)} arrays"
+                + (f"; not exchanged: {unexpected[:3]})" if unexpected else ")"))
     for key, arr in arrays.items():
         shape, dtype = expected[key]
         if tuple(arr.shape) != shape or arr.dtype != dtype:
@@ -113,138 +102,155 @@ def check_update(reply: RecordDict, expected: dict[str, tuple[tuple[int, ...], s
     return None
 
 
-class RecordingStrategy(Strategy):
-    """Wraps a Flower strategy: rejects malformed updates and records who was sampled, replied or dropped."""
+def carried_metrics(evaluated: list[Evaluated]) -> MetricRecord | None:
+    """Weighted average (by validation examples) of the metrics every merchant reported; None when none did."""
+    usable = [e.reply for e in evaluated if e.reply.num_examples > 0]
+    if not usable:
+        return None
+    common = set.intersection(*(set(r.metrics) for r in usable))
+    views = [RecordDict({wire.METRICS: MetricRecord({**{k: r.metrics[k] for k in sorted(common)},
+                                                     wire.NUM_EXAMPLES: r.num_examples})}) for r in usable]
+    return aggregate_metricrecords(views, wire.NUM_EXAMPLES)
 
-    def __init__(self, inner: Strategy, min_replies: int = 1, max_update_norm: float | None = None,
-                 secure: bool = False) -> None:
-        self.inner = inner
+
+@dataclass(frozen=True)
+class Sent:
+    """What one round's configure_train sent: the messages and the global arrays they carry."""
+
+    server_round: int
+    messages: list[Message]
+    arrays: ArrayRecord
+
+    @property
+    def nodes(self) -> list[int]:
+        """The sampled nodes, in sampling order."""
+        return [m.metadata.dst_node_id for m in self.messages]
+
+    @cached_property
+    def bytes_down(self) -> int:
+        """Payload bytes sent to each sampled merchant."""
+        return payload_bytes(self.messages[0].content) if self.messages else 0
+
+
+class Aggregator:
+    """Flower's strategy chain behind reply validation; every call returns what happened instead of storing it."""
+
+    def __init__(self, strategy: Strategy, spec: wire.Spec, *, private: bool, min_replies: int = 1,
+                 max_update_norm: float | None = None) -> None:
+        self.strategy = strategy
+        self.spec = spec  # the exchanged state's names, shapes and dtypes
+        self.private = private  # a DP preset: every update weighs 1 (wire.aggregation_weight)
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
-        # secure (SecAgg+): every reply carries the same securely aggregated model, so no per-merchant norm.
-        self.secure = secure
-        self._global = ArrayRecord()
-        self.record: dict[str, Any] = {}
-        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
 
-    def summary(self) -> None:
-        """Log the wrapped strategy's summary."""
-        self.inner.summary()
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Sent:
+        """Sample merchants and build their train messages (Flower's configure_train)."""
+        return Sent(server_round, list(self.strategy.configure_train(server_round, arrays, config, grid)), arrays)
 
-    def new_round(self) -> None:
-        """Start a fresh per-round record."""
-        self.record = {"sampled": [], "replied": [], "dropped": [], "evaluated": [], "pre_evaluated": [],
-                       "bytes_down_per_merchant": 0, "too_few_replies": False}
+    def _accept(self, msg: Message, sent: Sent,
+                reference: dict[str, np.ndarray] | None) -> tuple[wire.TrainReply, Replied] | Dropped:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            return Dropped(node, f"error: {msg.error.reason}")
+        try:
+            reply = wire.TrainReply.from_content(msg.content)
+            problem = check_update(reply.arrays, self.spec)
+        except wire.WireError as err:
+            problem = str(err)
+        norm = None if problem or reference is None else update_norm(reply.arrays, reference)
+        if norm is not None and self.max_update_norm is not None and norm > self.max_update_norm:
+            problem = f"update L2 norm {norm:.4g} exceeds strategy.max_update_norm={self.max_update_norm:g}"
+        if problem:
+            log.warning("round %d: rejected the update of node %d: %s", sent.server_round, node, problem)
+            return Dropped(node, f"rejected: {problem}")
+        return reply, Replied(node, reply.merchant_index, reply.num_examples, reply.metrics.get(wire.TRAIN_LOSS),
+                              reply.metrics.get(wire.TRAIN_SECONDS), norm, payload_bytes(msg.content), sent.bytes_down,
+                              reply.rounds_trained)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """Delegate, remembering the sampled nodes and the global arrays' shapes."""
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-        self._global = arrays
-        self.record["sampled"] = [m.metadata.dst_node_id for m in messages]
-        self.record["bytes_down_per_merchant"] = payload_bytes(messages[0].content) if messages else 0
-        self.record["t_train_sent"] = time.time()
-        return messages
+    def aggregate_train(self, sent: Sent, replies: Iterable[Message], *, secure: bool = False) -> TrainResult:
+        """Validate each reply and aggregate the valid ones with the strategy chain.
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, record it, and aggregate the valid ones with the wrapped strategy."""
-        valid = []
-        reference = {k: a.numpy() for k, a in self._global.items()}
+        secure (SecAgg+): every reply carries the same securely aggregated model, so no update norm is taken.
+        """
+        reference = None if secure else {k: a.numpy() for k, a in sent.arrays.items()}
+        replied, dropped, carried, views = [], [], [], []
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.record["dropped"].append({"node": node, "reason": f"error: {msg.error.reason}"})
+            accepted = self._accept(msg, sent, reference)
+            if isinstance(accepted, Dropped):
+                dropped.append(accepted)
                 continue
-            problem = check_update(msg.content, self._expected)
-            norm = None if problem or self.secure else update_norm(next(iter(msg.content.array_records.values())),
-                                                                     reference)
-            if norm is not None and self.max_update_norm is not None and norm > self.max_update_norm:
-                problem = f"update L2 norm {norm:.4g} exceeds strategy.max_update_norm={self.max_update_norm:g}"
-            if problem:
-                log.warning("round %d: rejected the update of node %d: %s", server_round, node, problem)
-                self.record["dropped"].append({"node": node, "reason": f"rejected: {problem}"})
-                continue
-            metrics = dict(next(iter(msg.content.metric_records.values())))
-            self.record["replied"].append({
-                "node": node, "merchant_index": metrics.get("merchant-index"),
-                "num_examples": metrics.get(WEIGHT_KEY), "train_loss": metrics.get("train-loss"),
-                "train_seconds": metrics.get("train-seconds"), "update_norm": norm,
-                "bytes_up": payload_bytes(msg.content),
-                "bytes_down": self.record["bytes_down_per_merchant"]})
-            scores = split_evaluation(metrics)
-            if scores:
-                self.record["pre_evaluated"].append({"node": node, **scores,
-                                                     "merchant-index": metrics.get("merchant-index")})
-                # Flower aggregates only replies with identical metric keys; a merchant without validation
-                # data reports fewer evaluation keys, so they leave the reply once recorded.
-                record = next(iter(msg.content.metric_records.values()))
-                for key in [k for k in record if k.startswith(EVAL_PREFIX)]:
-                    del record[key]
-            valid.append(msg)
-        answered = {r["node"] for r in self.record["replied"]} | {d["node"] for d in self.record["dropped"]}
-        for node in self.record["sampled"]:
-            if node not in answered:
-                self.record["dropped"].append({"node": node, "reason": "no reply before the round timeout"})
-        if len(valid) < self.min_replies:
-            self.record["too_few_replies"] = True
-            log.warning("round %d: %d valid replies, fewer than strategy.min_replies=%d", server_round, len(valid),
-                        self.min_replies)
-            return None, None
+            reply, entry = accepted
+            replied.append(entry)
+            if (evaluation := wire.carried_evaluation(reply)) is not None:
+                carried.append(Evaluated(entry.node, evaluation))
+            weight = wire.aggregation_weight(self.private, reply.num_examples)
+            views.append((reply.merchant_index, _view(reply.aggregation_view(weight), msg)))
+        answered = {r.node for r in replied} | {d.node for d in dropped}
+        dropped += [Dropped(n, "no reply before the round timeout") for n in sent.nodes if n not in answered]
+        report = TrainReport(sent.nodes, replied, dropped, carried, sent.bytes_down * len(sent.nodes),
+                             sum(r.bytes_up for r in replied))
+        if len(views) < self.min_replies:
+            log.warning("round %d: %d valid replies, fewer than strategy.min_replies=%d", sent.server_round,
+                        len(views), self.min_replies)
+            return TrainResult(None, None, replace(report, too_few_replies=True, privacy=self.privacy_spent()))
         # A fixed order (merchant, node) makes the floating-point sum, and so the model, reproducible.
-        valid.sort(key=lambda m: (_merchant_index(m.content), m.metadata.src_node_id))
-        return self.inner.aggregate_train(server_round, valid)
+        views.sort(key=lambda v: (v[0], v[1].metadata.src_node_id))
+        arrays, metrics = self.strategy.aggregate_train(sent.server_round, [m for _, m in views])
+        return TrainResult(self._as_spec(arrays), metrics, replace(report, privacy=self.privacy_spent()))
+
+    def _as_spec(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the exchanged dtypes. Flower's FedAdam returns float64 for float32 weights (numpy
+        promotes `x + eta * m / (sqrt(v) + tau)`), which doubled the download and made every later float32
+        reply look malformed."""
+        if arrays is None or all(a.dtype == self.spec[k][1] for k, a in arrays.items()):
+            return arrays
+        return wire.to_arrays({k: a.numpy().astype(self.spec[k][1]) for k, a in arrays.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        """Delegate federated evaluation sampling."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+                           grid: Grid) -> list[Message]:
+        """Sample merchants for federated evaluation (Flower's configure_evaluate)."""
+        return list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Record which merchants evaluated, then aggregate with the wrapped strategy."""
-        replies = [m for m in replies if not m.has_error()]
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> EvaluateResult:
+        """The merchants' validation metrics, weighted by their validation examples."""
+        evaluated: list[tuple[Evaluated, Message]] = []
         for msg in replies:
-            metrics = dict(next(iter(msg.content.metric_records.values())))
-            self.record["evaluated"].append({"node": msg.metadata.src_node_id, **metrics})
-        usable = [m for m in replies if _weight(m.content) > 0]
-        return self.inner.aggregate_evaluate(server_round, usable) if usable else None
+            if msg.has_error():
+                continue
+            try:
+                evaluated.append((Evaluated(msg.metadata.src_node_id, wire.EvaluateReply.from_content(msg.content)),
+                                  msg))
+            except wire.WireError as err:
+                log.warning("round %d: ignored the evaluation of node %d: %s", server_round,
+                            msg.metadata.src_node_id, err)
+        evaluated.sort(key=lambda em: (em[0].reply.merchant_index, em[0].node))  # a reproducible sum, as in training
+        views = [_view(e.reply.aggregation_view(), m) for e, m in evaluated if e.reply.num_examples > 0]
+        metrics = self.strategy.aggregate_evaluate(server_round, views) if views else None
+        return EvaluateResult(metrics, [e for e, _ in evaluated])
 
-    def pre_evaluation(self) -> MetricRecord | None:
-        """Weighted average of the validation metrics this round's train replies carried (None when none)."""
-        entries = [e for e in self.record["pre_evaluated"] if float(e.get(WEIGHT_KEY, 0)) > 0]
-        if not entries:
-            return None
-        common = set.intersection(*({k for k, v in e.items() if isinstance(v, int | float)} for e in entries))
-        common -= {"node", "merchant-index"}
-        usable = [RecordDict({"m": MetricRecord({k: e[k] for k in sorted(common)})}) for e in entries]
-        return _aggregate_metrics(usable, WEIGHT_KEY)
+    @property
+    def ledger_strategy(self) -> Private | None:
+        """The DP wrapper (None without a privacy preset)."""
+        return self.strategy if isinstance(self.strategy, Private) else None
 
     def state(self) -> dict[str, Any]:
         """Strategy state that a resume must restore (FedAdam moments, DP accountant); torch.save-safe."""
-        out: dict[str, Any] = {}
-        for key in ("m_t", "v_t"):
-            value = getattr(self.inner, key, None)
-            if value:
-                out[key] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in value.items()}
-        if hasattr(self.inner, "privacy_state"):
-            out["privacy"] = self.inner.privacy_state()
+        out: dict[str, Any] = dict(flower_patches.fedadam_state(self.strategy))
+        if self.ledger_strategy is not None:
+            out["privacy"] = self.ledger_strategy.privacy_state()
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Inverse of state()."""
-        for key, value in state.items():
-            if key == "privacy":
-                self.inner.load_privacy_state(value)  # type: ignore[attr-defined]
-            else:
-                setattr(self.inner, key, {k: v.numpy() for k, v in value.items()})
+        moments = {k: v for k, v in state.items() if k != "privacy"}
+        flower_patches.load_fedadam_state(self.strategy, moments)
+        if "privacy" in state and self.ledger_strategy is not None:
+            self.ledger_strategy.load_privacy_state(state["privacy"])
 
     def privacy_spent(self) -> dict[str, Any] | None:
         """The DP ledger's figures so far (None without a privacy preset)."""
-        ledger = getattr(self.inner, "ledger", None)
-        return ledger.spent() if ledger is not None else None
+        return self.ledger_strategy.ledger.spent() if self.ledger_strategy is not None else None
 
     def budget_exhausted(self) -> bool:
         """Whether one more round would exceed privacy.target_epsilon."""
-        ledger = getattr(self.inner, "ledger", None)
-        return ledger is not None and ledger.would_exceed()
+        return self.ledger_strategy is not None and self.ledger_strategy.ledger.would_exceed()

@@ -24,6 +24,7 @@ def run(cfg_raw: DictConfig, run_dir: Path) -> dict[str, float]:
     """Validate config and data up front, then run the configured mode; returns final test metrics."""
     from common import data as D
     from common import model as M
+    from common import wire
     from common.config import to_typed
 
     cfg = to_typed(cfg_raw)
@@ -62,7 +63,7 @@ def run(cfg_raw: DictConfig, run_dir: Path) -> dict[str, float]:
         import json
 
         final = json.loads((run_dir / "results.json").read_text())["final"]
-    log.info("final test metrics: %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "num-examples"))
+    log.info("final test metrics: %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k != wire.NUM_EXAMPLES))
     log.info("run directory: %s", run_dir)
     return final
 

@@ -12,6 +12,7 @@ import numpy as np
 from common import data as D
 from common import model as M
 from common import train as T
+from common import wire
 from common.config import FedshopConfig
 from common.results import RunLog
 
@@ -78,7 +79,7 @@ def run_alone(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
                               "merchants": fd.names, "model": f"largest merchant: {fd.names[largest]}",
                               "title": f"fedshop merchants alone, {cfg.model.name}"})
     for rnd, scores in enumerate(per_round):
-        keys = [k for k in scores[0] if k != "num-examples"]
+        keys = [k for k in scores[0] if k != wire.NUM_EXAMPLES]
         mean = {k: float(np.average([s[k] for s in scores], weights=sizes)) for k in keys}
         runlog.add({"round": rnd, "server": mean, "seconds": seconds[rnd]})
     final = runlog.rounds[-1]["server"]

@@ -67,6 +67,8 @@ def test_insecure_server_and_three_merchants(deployment, tmp_path):
     assert results["merchants"] == ["merchant_00", "merchant_01", "merchant_02"]
     for r in results["rounds"][1:]:
         assert len(r["replied"]) == 3 and r["dropped"] == []
+        # Context.state survives the per-message task processes: round 2 reads what round 1 wrote.
+        assert {x["rounds_trained"] for x in r["replied"]} == {r["round"]}
     assert (d.run_dir / "model" / "config.json").is_file()
     assert "round 2 |" in d.log("server")
     # Every message ran in a process forked from the merchant's warm fork server: query, train x 2, final evaluate.

@@ -21,12 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from client import zero_safe_clipping
+from common import wire
 from common.config import compose
+from server import flower_patches
 from server.privacy import Ledger, make_private
-from server.strategy import RecordingStrategy, build_strategy
+from server.strategy import Aggregator, build_strategy
 from tests.conftest import TINY_REVIEWS, run_cli
-from tests.test_strategy import reply
+from tests.test_strategy import reply, sent
 
 FLOATS = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -38,7 +39,7 @@ def test_every_clipped_update_has_norm_at_most_c(shapes, data, clip):
     """Flower's compute_clip_model_update (fixedclipping_mod, LocalDpMod and the central wrapper use it), with
     fedshop's zero-safe clipping installed: Flower's own divides by zero on a zero update (the first example
     hypothesis found)."""
-    zero_safe_clipping.install()
+    flower_patches.apply()
     reference = [data.draw(arrays(np.float32, s, elements=FLOATS)) for s in shapes]
     local = [data.draw(arrays(np.float32, s, elements=FLOATS)) for s in shapes]
     before = math.sqrt(sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(local, reference,
@@ -70,18 +71,16 @@ def test_central_noise_std_is_z_c_over_the_replies_aggregated_even_after_a_dropo
     np.random.seed(0)
     theta = {"w": np.random.randn(400, 250).astype(np.float32)}
     dp.current_arrays = ArrayRecord({"w": Array(theta["w"])})
-    recording = RecordingStrategy(dp)
-    recording.new_round()
-    recording._expected, recording._global = {"w": ((400, 250), "float32")}, dp.current_arrays
-    recording.record["sampled"] = [1, 2, 3, 4, 5]
+    recording = Aggregator(dp, wire.spec(theta), private=True)
     # Three of five sampled merchants reply, each with the global model unchanged: the aggregate is pure noise.
-    replies = [reply(n, theta, {"num-examples": 10 * n}) for n in (1, 2, 3)]
-    agg, _ = recording.aggregate_train(1, replies)
-    assert agg is not None
-    noise = agg["w"].numpy() - theta["w"]
+    replies = [reply(n, theta, {wire.NUM_EXAMPLES: 10 * n}) for n in (1, 2, 3)]
+    result = recording.aggregate_train(sent([1, 2, 3, 4, 5], theta), replies)
+    assert result.arrays is not None
+    noise = result.arrays["w"].numpy() - theta["w"]
     assert noise.std() == pytest.approx(0.8 * 0.5 / 3, rel=0.02)  # z*C/m with m = 3 replies, not 5 sampled
     assert abs(noise.mean()) < 0.01
-    assert [d["node"] for d in recording.record["dropped"]] == [4, 5]
+    assert [d.node for d in result.report.dropped] == [4, 5]
+    assert result.report.privacy == recording.privacy_spent()
     spent = recording.privacy_spent()
     reference = RdpAccountant(PrivacyConfig(1e-5, 5, NeighboringRelation.ADD_OR_REMOVE_ONE,
                                             SamplingMethod.NO_AMPLIFICATION))
@@ -97,8 +96,12 @@ def test_dp_aggregation_is_unweighted_mean_of_clipped_updates():
     dp.current_arrays = ArrayRecord({"w": Array(zero["w"])})
     big = {"w": np.full((2, 2), 3.0, np.float32)}  # norm 6: clipped to 1 -> every entry 0.5
     small = {"w": np.full((2, 2), 0.1, np.float32)}  # norm 0.2: unchanged
-    agg, _ = dp.aggregate_train(1, [reply(1, big, {"num-examples": 1000}), reply(2, small, {"num-examples": 1})])
-    np.testing.assert_allclose(agg["w"].numpy(), np.full((2, 2), (0.5 + 0.1) / 2), atol=1e-4)
+    aggregator = Aggregator(dp, wire.spec(zero), private=True)
+    result = aggregator.aggregate_train(sent([1, 2], zero), [reply(1, big, {wire.NUM_EXAMPLES: 1000}),
+                                                             reply(2, small, {wire.NUM_EXAMPLES: 1})])
+    assert result.arrays is not None  # the example counts are recorded but do not weigh
+    np.testing.assert_allclose(result.arrays["w"].numpy(), np.full((2, 2), (0.5 + 0.1) / 2), atol=1e-4)
+    assert [r.num_examples for r in result.report.replied] == [1000, 1]
 
 
 def test_accountant_matches_published_figures():
@@ -228,7 +231,7 @@ def test_accountant_and_adaptive_clip_resume_from_a_checkpoint(tmp_path):
     from common import checkpoint as C
 
     dp, _ = private_strategy("central_adaptive", 4, noise_multiplier=1.3, target_epsilon=20)
-    before = RecordingStrategy(dp)
+    before = Aggregator(dp, {}, private=True)
     for _ in range(3):
         dp.ledger.compose()
     dp.clipping_norm = 0.37
@@ -237,11 +240,11 @@ def test_accountant_and_adaptive_clip_resume_from_a_checkpoint(tmp_path):
     state = C.load(tmp_path / "round_3.pt")["strategy_state"]
     elsewhere, _ = private_strategy("central_adaptive", 9, noise_multiplier=1.3)
     with pytest.raises(ValueError, match="does not match"):  # an accountant for another population refuses it
-        RecordingStrategy(elsewhere).load_state(state)
+        Aggregator(elsewhere, {}, private=True).load_state(state)
     # server/federation.py builds the resumed strategy for the population the checkpoint was accounted over
     fresh, _ = private_strategy("central_adaptive", state["privacy"]["population"], noise_multiplier=1.3,
                                 target_epsilon=20)
-    after = RecordingStrategy(fresh)
+    after = Aggregator(fresh, {}, private=True)
     after.load_state(state)
     spent, reference = after.privacy_spent(), before.privacy_spent()
     assert spent is not None and spent == reference and spent["releases"] == 3 and fresh.clipping_norm == 0.37

@@ -4,32 +4,36 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
 
+from common import exchange, wire
 from common.attacks import poison
 from common.config import compose
-from server.strategy import RecordingStrategy, build_strategy
+from server.report import TrainResult
+from server.strategy import Aggregator, build_strategy
 from tests.conftest import TINY_REVIEWS
-from tests.test_strategy import reply
+from tests.test_strategy import reply, sent
 
 ROBUST = ["fedmedian", "fedtrimmedavg", "krum", "multikrum"]
 
 
-def recording(name: str, reference: dict[str, np.ndarray], **extra: str) -> RecordingStrategy:
+def recording(name: str, reference: dict[str, np.ndarray], **extra: str) -> tuple[Aggregator, dict]:
     cfg = compose([f"strategy={name}", *[f"strategy.{k}={v}" for k, v in extra.items()]]).strategy
-    strategy = RecordingStrategy(build_strategy(cfg), max_update_norm=cfg.max_update_norm)
-    strategy.new_round()
-    strategy._expected = {k: (tuple(v.shape), str(v.dtype)) for k, v in reference.items()}
-    strategy._global = ArrayRecord({k: Array(v) for k, v in reference.items()})
-    return strategy
+    return Aggregator(build_strategy(cfg), wire.spec(reference), private=False,
+                      max_update_norm=cfg.max_update_norm), reference
 
 
-def aggregate(strategy: RecordingStrategy, updates: list[dict[str, np.ndarray]],
+def aggregate_result(aggregator: tuple[Aggregator, dict], updates: list[dict[str, np.ndarray]],
+                     sizes: list[int]) -> TrainResult:
+    strategy, reference = aggregator
+    replies = [reply(i + 1, u, {wire.NUM_EXAMPLES: n}) for i, (u, n) in enumerate(zip(updates, sizes, strict=True))]
+    return strategy.aggregate_train(sent(list(range(1, len(updates) + 1)), reference), replies)
+
+
+def aggregate(aggregator: tuple[Aggregator, dict], updates: list[dict[str, np.ndarray]],
               sizes: list[int]) -> dict[str, np.ndarray]:
-    replies = [reply(i + 1, u, {"num-examples": n}) for i, (u, n) in enumerate(zip(updates, sizes, strict=True))]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert arrays is not None
-    return {k: v.numpy() for k, v in arrays.items()}
+    result = aggregate_result(aggregator, updates, sizes)
+    assert result.arrays is not None
+    return wire.from_arrays(result.arrays)
 
 
 def test_robust_strategies_ignore_a_sign_flipped_update_that_moves_fedavg():
@@ -54,10 +58,11 @@ def test_norm_bound_rejects_an_oversized_update():
     theta = {"w": np.zeros((3, 3), np.float32)}
     strategy = recording("fedavg", theta, max_update_norm="1.0")
     ok, big = {"w": np.full((3, 3), 0.1, np.float32)}, {"w": np.full((3, 3), 5.0, np.float32)}
-    got = aggregate(strategy, [ok, big], [10, 10])
-    np.testing.assert_allclose(got["w"], ok["w"])
-    assert "exceeds strategy.max_update_norm=1" in strategy.record["dropped"][0]["reason"]
-    assert strategy.record["replied"][0]["update_norm"] == pytest.approx(0.3, rel=1e-5)
+    result = aggregate_result(strategy, [ok, big], [10, 10])
+    assert result.arrays is not None
+    np.testing.assert_allclose(result.arrays["w"].numpy(), ok["w"])
+    assert "exceeds strategy.max_update_norm=1" in result.report.dropped[0].reason
+    assert result.report.replied[0].update_norm == pytest.approx(0.3, rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +76,18 @@ def round_updates():
     fd = D.prepare(cfg)
     tokenizer = M.load_tokenizer(cfg.model)
     model = M.build_model(cfg.model, fd.labels, cfg.seed)
-    start = M.get_weights(model)
+    start = exchange.extract(model)
     updates, sizes = [], []
     for i, shard in enumerate(fd.train):
-        M.set_weights(model, start)
+        exchange.load(model, start)
         T.train(model, M.tokenize(shard, tokenizer, cfg.train.max_length), tokenizer, cfg.train,
                 cfg.train.local_epochs, seed=i)
-        updates.append(M.get_weights(model))
+        updates.append(exchange.extract(model))
         sizes.append(len(shard))
     test = M.tokenize(D.load_test(cfg)[0], tokenizer, cfg.train.max_length)
 
     def evaluate(weights: dict[str, np.ndarray]) -> dict[str, float]:
-        M.set_weights(model, weights)
+        exchange.load(model, weights)
         return T.evaluate(model, test, tokenizer, cfg.train, None)
 
     return start, updates, sizes, evaluate

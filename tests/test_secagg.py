@@ -16,15 +16,18 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_masks
 from flwr.serverapp import Grid
 
-from client.client_app import build_client_app, from_arrays, to_arrays
-from client.secure import mask
+from client.client_app import build_client_app
 from common import data as D
+from common import exchange, wire
 from common import model as M
 from common.config import FedshopConfig, compose
+from common.privacy_math import mask
+from server import flower_patches
 from server.grid import MerchantGrid
 from server.privacy import make_private
+from server.report import TrainResult
 from server.secagg import SecureRound
-from server.strategy import RecordingStrategy, build_strategy
+from server.strategy import Aggregator, build_strategy
 from tests.conftest import TINY_REVIEWS
 
 K = 4
@@ -106,41 +109,43 @@ def config(*more: str) -> FedshopConfig:
                     "strategy.round_timeout=1", *more])
 
 
-def one_round(cfg: FedshopConfig, die: dict[int, str] | None = None, secure: bool = True):
-    """One training round from the initial model: (aggregate or None, RecordingStrategy, LocalGrid, global)."""
+def one_round(cfg: FedshopConfig, die: dict[int, str] | None = None,
+              workflow: type | None = None) -> tuple[dict[str, np.ndarray] | None, TrainResult, LocalGrid, dict]:
+    """One SecAgg+ training round from the initial model: (aggregate or None, result, LocalGrid, global)."""
+    flower_patches.apply()
     labels = D.prepare(cfg).labels
-    weights = M.get_weights(M.build_model(cfg.model, labels, cfg.seed))
+    weights = exchange.extract(M.build_model(cfg.model, labels, cfg.seed))
     local = LocalGrid(cfg)
     local.die = dict(die or {})
     grid = MerchantGrid(local, cfg.strategy.round_timeout, poll_interval=0.01)
-    strategy = RecordingStrategy(make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, K),
-                                 secure=secure)
-    strategy.new_round()
-    arrays = to_arrays(weights)
-    if secure:
-        agg, _ = SecureRound(cfg, grid, strategy).run(1, arrays, ConfigRecord())
-    else:
-        agg, _ = strategy.aggregate_train(1, grid.send_and_receive(strategy.configure_train(1, arrays,
-                                                                                            ConfigRecord(), grid)))
-    return (None if agg is None else from_arrays(agg)), strategy, local, weights
+    aggregator = Aggregator(make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, K),
+                            wire.spec(weights), private=cfg.privacy.name != "none")
+    secure = SecureRound(cfg, grid, aggregator)
+    if workflow is not None:  # Flower's own workflow, for the canary test
+        secure.workflow = workflow(**{k: getattr(secure.workflow, k) for k in WORKFLOW_ARGS})
+    result = secure.run(1, wire.to_arrays(weights), ConfigRecord())
+    return (None if result.arrays is None else wire.from_arrays(result.arrays)), result, local, weights
+
+
+WORKFLOW_ARGS = ("num_shares", "reconstruction_threshold", "max_weight", "clipping_range", "quantization_range",
+                 "modulus_range", "timeout")
 
 
 def trained_updates(cfg: FedshopConfig) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, int]]:
     """Each merchant's own update and example count from a plain round (what SecAgg+ hides from the server)."""
     local = LocalGrid(cfg)
     labels = D.prepare(cfg).labels
-    weights = M.get_weights(M.build_model(cfg.model, labels, cfg.seed))
+    weights = exchange.extract(M.build_model(cfg.model, labels, cfg.seed))
     updates, sizes = {}, {}
     for i, node in enumerate(NODES):
-        msg = Message(content=RecordDict({"arrays": to_arrays(weights),
-                                          "config": ConfigRecord({"server-round": 1})}),
-                      dst_node_id=node, message_type="train")
+        msg = Message(content=wire.Instruction(wire.to_arrays(weights), 1).to_content(), dst_node_id=node,
+                      message_type=wire.TRAIN)
         reply = local.app(msg, Context(run_id=1, node_id=node, node_config={"partition-id": i,
                                                                            "num-partitions": K},
                                        state=RecordDict(), run_config={}))
-        trained = from_arrays(reply.content.array_records["arrays"])
-        updates[node] = {k: trained[k].astype(np.float64) - weights[k] for k in weights}
-        sizes[node] = int(reply.content.metric_records["metrics"]["num-examples"])  # type: ignore[arg-type]
+        trained = wire.TrainReply.from_content(reply.content)
+        updates[node] = {k: trained.arrays[k].numpy().astype(np.float64) - weights[k] for k in weights}
+        sizes[node] = trained.num_examples
     return updates, sizes
 
 
@@ -185,7 +190,7 @@ def test_masks_use_the_whole_secret():
 
 def test_secure_mean_equals_fedavg_within_quantisation_error(plain_updates):
     cfg = config()
-    agg, strategy, local, start = one_round(cfg)
+    agg, result, local, start = one_round(cfg)
     updates, sizes = plain_updates
     assert agg is not None
     exact = mean_update(updates, {n: float(s) for n, s in sizes.items()})  # weighted FedAvg: sum n_k/N theta_k
@@ -193,10 +198,11 @@ def test_secure_mean_equals_fedavg_within_quantisation_error(plain_updates):
     err = max(float(np.abs(agg[k].astype(np.float64) - start[k] - exact[k]).max()) for k in agg)
     slack = max(float(np.abs(v).max()) for v in start.values()) * 2 ** -23  # float32 rounding of the model
     assert 0 < err <= bound + slack, (err, bound)
-    rec = strategy.record
-    assert sorted(x["node"] for x in rec["replied"]) == NODES and rec["dropped"] == []
-    assert all(x["update_norm"] is None for x in rec["replied"])  # the server saw no single update
-    summary = rec["secure_aggregation"]
+    rec = result.report
+    assert sorted(x.node for x in rec.replied) == NODES and rec.dropped == []
+    assert all(x.update_norm is None for x in rec.replied)  # the server saw no single update
+    assert rec.secure_aggregation is not None
+    summary = rec.secure_aggregation.as_json()
     assert summary["survivors"] == K and summary["threshold"] == 2 and summary["max_weight"] == max(sizes.values())
     assert [s["stage"] for s in summary["stages"]] == [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS,
                                                        Stage.UNMASK]
@@ -206,8 +212,8 @@ def test_secure_mean_equals_fedavg_within_quantisation_error(plain_updates):
         assert values.dtype == np.uint32
         assert np.mean(values > cfg.secagg.quantization_range) > 0.99
         assert values.mean() == pytest.approx(2**31, rel=0.01)
-        entry = next(x for x in rec["replied"] if x["node"] == node)
-        assert entry["bytes_up"] == pytest.approx(4 * values.size, rel=0.01)
+        entry = next(x for x in rec.replied if x.node == node)
+        assert entry.bytes_up == pytest.approx(4 * values.size, rel=0.01)
 
 
 def test_merchants_may_drop_out_down_to_the_reconstruction_threshold(plain_updates):
@@ -215,22 +221,22 @@ def test_merchants_may_drop_out_down_to_the_reconstruction_threshold(plain_updat
     their neighbours' shares and the mean covers the two survivors; a third death halts the round."""
     cfg = config()
     updates, sizes = plain_updates
-    agg, strategy, _, start = one_round(cfg, die={NODES[1]: Stage.COLLECT_MASKED_VECTORS,
+    agg, result, _, start = one_round(cfg, die={NODES[1]: Stage.COLLECT_MASKED_VECTORS,
                                                   NODES[3]: Stage.COLLECT_MASKED_VECTORS})
     survivors = {NODES[0]: float(sizes[NODES[0]]), NODES[2]: float(sizes[NODES[2]])}
     exact = mean_update(updates, survivors)
     assert agg is not None
     err = max(float(np.abs(agg[k].astype(np.float64) - start[k] - exact[k]).max()) for k in agg)
     assert err <= quantisation_bound(cfg, survivors, max(sizes.values())) + 1e-6
-    rec = strategy.record
-    assert sorted(x["node"] for x in rec["replied"]) == [NODES[0], NODES[2]]
-    assert {d["node"]: d["reason"] for d in rec["dropped"]} == {
+    rec = result.report
+    assert sorted(x.node for x in rec.replied) == [NODES[0], NODES[2]]
+    assert {d.node: d.reason for d in rec.dropped} == {
         n: "no reply in SecAgg+ stage 'collect_masked_vectors'" for n in (NODES[1], NODES[3])}
-    assert rec["secure_aggregation"]["survivors"] == 2 and not rec["too_few_replies"]
+    assert rec.secure_aggregation is not None and rec.secure_aggregation.survivors == 2 and not rec.too_few_replies
 
-    agg, strategy, _, _ = one_round(cfg, die={n: Stage.COLLECT_MASKED_VECTORS for n in NODES[1:]})
-    assert agg is None and strategy.record["too_few_replies"]
-    assert strategy.record["replied"] == [] and len(strategy.record["dropped"]) == K
+    agg, result, _, _ = one_round(cfg, die={n: Stage.COLLECT_MASKED_VECTORS for n in NODES[1:]})
+    assert agg is None and result.report.too_few_replies
+    assert result.report.replied == [] and len(result.report.dropped) == K
 
 
 @pytest.mark.parametrize("early", [Stage.SETUP, Stage.SHARE_KEYS])
@@ -240,13 +246,13 @@ def test_a_merchant_lost_before_its_shares_arrive_leaves_the_round(plain_updates
     round is still unmasked from its neighbours' shares."""
     cfg = config()
     updates, sizes = plain_updates
-    agg, strategy, _, start = one_round(cfg, die={NODES[0]: early, NODES[3]: Stage.COLLECT_MASKED_VECTORS})
+    agg, result, _, start = one_round(cfg, die={NODES[0]: early, NODES[3]: Stage.COLLECT_MASKED_VECTORS})
     survivors = {NODES[1]: float(sizes[NODES[1]]), NODES[2]: float(sizes[NODES[2]])}
-    assert agg is not None, strategy.record["dropped"]
+    assert agg is not None, result.report.dropped
     exact = mean_update(updates, survivors)
     err = max(float(np.abs(agg[k].astype(np.float64) - start[k] - exact[k]).max()) for k in agg)
     assert err <= quantisation_bound(cfg, survivors, max(sizes.values())) + 1e-6
-    reasons = {d["node"]: d["reason"] for d in strategy.record["dropped"]}
+    reasons = {d.node: d.reason for d in result.report.dropped}
     assert reasons == {NODES[0]: f"no reply in SecAgg+ stage '{early}'",
                        NODES[3]: "no reply in SecAgg+ stage 'collect_masked_vectors'"}
 
@@ -256,10 +262,11 @@ def test_secure_aggregation_with_client_clipping_and_server_noise(plain_updates)
     unmasked with N(0, (zC/m)^2) and accounts one release."""
     clip, z = 0.05, 0.8
     updates, _ = plain_updates
-    quiet, strategy, _, start = one_round(config("privacy=client", f"privacy.clipping_norm={clip}",
+    quiet, result, _, start = one_round(config("privacy=client", f"privacy.clipping_norm={clip}",
                                                  "privacy.noise_multiplier=1e-9"))
     assert quiet is not None
-    assert strategy.record["secure_aggregation"]["max_weight"] == 1.0  # unweighted
+    assert result.report.secure_aggregation is not None
+    assert result.report.secure_aggregation.protocol["max_weight"] == 1.0  # unweighted
     clipped = {n: {k: v * min(1.0, clip / np.sqrt(sum(float(np.sum(x * x)) for x in u.values())))
                    for k, v in u.items()} for n, u in updates.items()}
     exact = mean_update(clipped, {n: 1.0 for n in NODES})
@@ -267,12 +274,12 @@ def test_secure_aggregation_with_client_clipping_and_server_noise(plain_updates)
     assert err < 1e-5
     norm = np.sqrt(sum(float(np.sum((quiet[k].astype(np.float64) - start[k]) ** 2)) for k in quiet))
     assert norm <= clip * (1 + 1e-3)
-    noisy, strategy, _, _ = one_round(config("privacy=client", f"privacy.clipping_norm={clip}",
+    noisy, result, _, _ = one_round(config("privacy=client", f"privacy.clipping_norm={clip}",
                                              f"privacy.noise_multiplier={z}"))
     assert noisy is not None
     noise = np.concatenate([(noisy[k].astype(np.float64) - quiet[k]).ravel() for k in noisy])
     assert noise.std() == pytest.approx(z * clip / K, rel=0.02)
-    spent = strategy.privacy_spent()
+    spent = result.report.privacy
     assert spent is not None and spent["releases"] == 1 and spent["epsilon"] > 0
 
 
@@ -281,11 +288,12 @@ def test_secure_aggregation_with_client_clipping_and_server_noise(plain_updates)
 def test_other_presets_and_strategies_aggregate_securely(more):
     """privacy=local (each masked update already noised; accounted per merchant release), FedProx and FedAdam
     (applied to the securely averaged update) run through the same bridge."""
-    agg, strategy, _, start = one_round(config(*more))
-    assert agg is not None and strategy.record["secure_aggregation"]["survivors"] == K
+    agg, result, _, start = one_round(config(*more))
+    assert agg is not None and result.report.secure_aggregation is not None
+    assert result.report.secure_aggregation.survivors == K
     assert any(not np.array_equal(agg[k], start[k]) for k in agg)
     if "privacy=local" in more:
-        spent = strategy.privacy_spent()
+        spent = result.report.privacy
         assert spent is not None and spent["releases"] == 1 and spent["sampling"] == "local"
 
 

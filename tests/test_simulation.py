@@ -48,6 +48,8 @@ def test_federated_simulation_learns_and_writes_run_directory(fed_run):
         assert all(x["bytes_up"] > 100_000 and abs(x["bytes_down"] - x["bytes_up"]) < 1000 for x in r["replied"])
         assert {"loss", "accuracy", "macro_f1"} <= set(r["evaluate"])
         assert r["seconds"] > 0
+        # Each merchant counts its rounds in its own Context.state: written in round 1, read back in round 2.
+        assert {x["rounds_trained"] for x in r["replied"]} == {r["round"]}
     # one concise line per round on the console
     assert sum("| acc " in line for line in output.splitlines()) == 3
     for name in ("checkpoints/round_0.pt", "checkpoints/round_2.pt", "metrics.png", "model/config.json",
@@ -98,6 +100,7 @@ def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
 
     from common import checkpoint as C
     from common import data as D
+    from common import exchange
     from common import model as M
     from common import train as T
     from common.config import compose
@@ -106,7 +109,7 @@ def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
     cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2"])
     fd = D.prepare(cfg)
     in_memory = M.build_model(cfg.model, fd.labels, cfg.seed)
-    M.set_weights(in_memory, C.load(run_dir / "checkpoints" / "round_2.pt")["weights"])
+    exchange.load(in_memory, C.load(run_dir / "checkpoints" / "round_2.pt")["weights"])
     reloaded = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
     assert reloaded.config.id2label == dict(enumerate(fd.labels))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")

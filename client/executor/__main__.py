@@ -4,11 +4,12 @@ Flower 1.39's SuperNode runs every message (train, evaluate, ...) in a new `flwr
 imports torch, transformers and datasets from scratch: about 6.6 s of CPU before the first line of
 fedshop runs, twice per merchant per round. With `flower-supernode --isolation process` the node leaves
 starting those processes to an external SuperExec; this is that SuperExec. It is Flower's own
-`run_superexec` loop (task acquisition, SuperExec authentication, health) with one change: each
-ClientApp task runs Flower's unchanged `run_clientapp` in a process forked from a multiprocessing fork
-server that imported the heavy libraries once. Every task still gets a fresh process (no state leaks
-between messages), and the task drops fedshop's own modules before loading the app, so the code that
-runs is the FAB the server sent, exactly as with Flower's executor (see client/executor/task.py).
+`run_superexec` loop (task acquisition, SuperExec authentication, health) with one change (patch 5 in
+client/flower_patches.py): each ClientApp task runs Flower's unchanged `run_clientapp` in a process forked
+from a multiprocessing fork server that imported the heavy libraries once. Every task still gets a fresh
+process (no state leaks between messages; what a merchant keeps between rounds travels in Context.state), and
+the task drops fedshop's own modules before loading the app, so the code that runs is the FAB the server
+sent, exactly as with Flower's executor (see client/executor/task.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flwr.supercore.superexec import run_superexec as flower_superexec
 from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.executor.types import ExecutionSpec
 
+from client import flower_patches
 from client.executor.task import run_task
 
 log = logging.getLogger("fedshop.executor")
@@ -115,13 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
     ap.add_argument("--superexec-auth-secret-file", default=None, help="shared secret the SuperNode also has")
     a = ap.parse_args(argv)
-    if not hasattr(flower_superexec, "get_executor"):
-        sys.exit("fedshop: this Flower has no flwr.supercore.superexec.run_superexec.get_executor; "
-                 "use deploy.executor=subprocess")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    executor = ForkServerExecutor(PRELOAD)
-    flower_superexec.get_executor = lambda *args, **kwargs: executor  # type: ignore[assignment]
+    try:
+        flower_patches.use_executor(ForkServerExecutor(PRELOAD))
+    except RuntimeError as err:
+        sys.exit(str(err))
     secret = load_superexec_auth_secret(a.superexec_auth_secret_file)
     log.info("fork server ready (pid %d); acquiring ClientApp tasks from %s", os.getpid(), a.runtime_api_address)
     flower_superexec.run_superexec(runtime_api_address=a.runtime_api_address, insecure=a.insecure,

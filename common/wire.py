@@ -1,0 +1,266 @@
+"""The wire protocol between the server and the merchants: every message key, the typed messages, array conversion.
+
+What crosses the network in one round (keys are the constants below):
+
+    server -> merchant  train     {ARRAYS: exchanged state, CONFIG: {SERVER_ROUND, EVALUATE_FIRST?, PROXIMAL_MU?}}
+    merchant -> server  reply     {ARRAYS: trained exchanged state,
+                                   METRICS: {NUM_EXAMPLES, MERCHANT_INDEX, ROUNDS_TRAINED, TRAIN_LOSS, TRAIN_SECONDS,
+                                             EVAL_PREFIX + validation metric of the received model ...}}
+    server -> merchant  evaluate  {ARRAYS, CONFIG}      reply {METRICS: {NUM_EXAMPLES, MERCHANT_INDEX, loss, ...}}
+    server -> merchant  query     {}                    reply {METRICS: {MERCHANT_INDEX, NUM_EXAMPLES},
+                                                               INFO: {MERCHANT_NAME}}
+
+Flower's own strategies read NUM_EXAMPLES (their `weighted_by_key`), ARRAYS and CONFIG; SERVER_ROUND and
+PROXIMAL_MU are set by Flower's strategies. Parsers raise WireError naming the key that is wrong; nothing here
+mutates a message it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+
+TRAIN, EVALUATE, QUERY = MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY
+
+# Records of a message's content.
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+INFO = "info"
+
+# Train and evaluate instructions (CONFIG).
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+EVALUATE_FIRST = "evaluate-first"  # 1: evaluate the received model before training (strategy.evaluate_with_train)
+
+# Replies (METRICS, INFO).
+NUM_EXAMPLES = "num-examples"  # Flower's weighted_by_key
+MERCHANT_INDEX = "merchant-index"
+MERCHANT_NAME = "merchant-name"
+ROUNDS_TRAINED = "rounds-trained"  # training rounds this merchant has done in the run, this one included
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+EVAL_PREFIX = "eval-"  # validation metrics of the received model, carried by a train reply
+
+# SecAgg+ (legacy FitIns / FitRes, whose parameters are an unnamed list and whose config holds no lists).
+ARRAY_NAMES = "fedshop-array-names"  # the exchanged arrays' names, one per line, in the FitIns config
+SECAGG_CLIPPED = "secagg-clipped-values"  # update coordinates beyond secagg.clipping_range, in the FitRes metrics
+
+# A merchant's node config (set by python -m client, or by Flower's simulation engine).
+NODE_SHARD = "shard"
+NODE_MERCHANT_INDEX = "merchant-index"
+NODE_MERCHANT_NAME = "merchant-name"
+NODE_PARTITION_ID = "partition-id"
+
+Scalars = dict[str, float]
+Spec = dict[str, tuple[tuple[int, ...], str]]  # array name -> (shape, dtype)
+
+
+class WireError(ValueError):
+    """A message that does not follow the protocol (the text says which key is wrong)."""
+
+
+def to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    """numpy arrays -> Flower ArrayRecord (key order kept)."""
+    return ArrayRecord({k: Array(v) for k, v in weights.items()})
+
+
+def from_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Flower ArrayRecord -> numpy arrays (copies)."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def spec(arrays: dict[str, np.ndarray]) -> Spec:
+    """Names, shapes and dtypes of arrays (the exchanged state's): what the server checks every reply against."""
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
+
+
+def _only(records: dict[str, Any], key: str, kind: str) -> Any:
+    if set(records) != {key}:
+        raise WireError(f"expected one {kind} '{key}', found {sorted(records) or 'none'}")
+    return records[key]
+
+
+def _count(metrics: MetricRecord | dict[str, Any], key: str, positive: bool = False) -> int:
+    value = metrics.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(float(value)) \
+            or value < (1 if positive else 0) or float(value) != int(value):
+        raise WireError(f"missing or invalid {key}={value!r}")
+    return int(value)
+
+
+def _scalars(metrics: MetricRecord | dict[str, Any]) -> Scalars:
+    out: Scalars = {}
+    for key, value in metrics.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise WireError(f"metric {key}={value!r}: expected a number")
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A train or evaluate instruction as a merchant reads it."""
+
+    arrays: ArrayRecord
+    server_round: int
+    evaluate_first: bool = False
+    proximal_mu: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # config keys of other components (e.g. DP mods)
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> Instruction:
+        """Parse a train (or evaluate) message's content."""
+        arrays = _only(dict(content.array_records), ARRAYS, "ArrayRecord")
+        config = dict(_only(dict(content.config_records), CONFIG, "ConfigRecord"))
+        rnd = config.pop(SERVER_ROUND, None)
+        if not isinstance(rnd, int) or isinstance(rnd, bool):
+            raise WireError(f"missing or invalid {SERVER_ROUND}={rnd!r}")
+        first, mu = config.pop(EVALUATE_FIRST, 0), config.pop(PROXIMAL_MU, 0.0)
+        if not isinstance(first, int) or not isinstance(mu, int | float):
+            raise WireError(f"invalid {EVALUATE_FIRST}={first!r} or {PROXIMAL_MU}={mu!r}")
+        return cls(arrays, rnd, bool(first), float(mu), config)
+
+    def to_content(self) -> RecordDict:
+        """The message content (SecAgg+ rebuilds it on the merchant from a legacy FitIns)."""
+        config: dict[str, Any] = {**self.extra, SERVER_ROUND: self.server_round}
+        if self.evaluate_first:
+            config[EVALUATE_FIRST] = 1
+        if self.proximal_mu:
+            config[PROXIMAL_MU] = self.proximal_mu
+        return RecordDict({ARRAYS: self.arrays, CONFIG: ConfigRecord(config)})
+
+
+def train_config(evaluate_first: bool) -> ConfigRecord:
+    """The config the round loop hands the strategy's configure_train (Flower adds SERVER_ROUND, FedProx mu)."""
+    return ConfigRecord({EVALUATE_FIRST: 1} if evaluate_first else {})
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """What a merchant sends back after training."""
+
+    arrays: ArrayRecord
+    num_examples: int
+    merchant_index: int
+    rounds_trained: int
+    metrics: Scalars  # training metrics (TRAIN_LOSS, TRAIN_SECONDS, SECAGG_CLIPPED, ...), averaged by the server
+    evaluation: Scalars = field(default_factory=dict)  # validation metrics of the received model (+ NUM_EXAMPLES)
+
+    def to_content(self) -> RecordDict:
+        """The reply's content."""
+        return RecordDict({ARRAYS: self.arrays, METRICS: MetricRecord(self._metric_record())})
+
+    def _metric_record(self) -> dict[str, Any]:
+        return {**self.metrics, **{EVAL_PREFIX + k: v for k, v in self.evaluation.items()},
+                NUM_EXAMPLES: self.num_examples, MERCHANT_INDEX: self.merchant_index,
+                ROUNDS_TRAINED: self.rounds_trained}
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainReply:
+        """Parse a train reply; WireError names what is missing or malformed."""
+        arrays = _only(dict(content.array_records), ARRAYS, "ArrayRecord")
+        return cls.from_metrics(arrays, dict(_only(dict(content.metric_records), METRICS, "MetricRecord")))
+
+    @classmethod
+    def from_metrics(cls, arrays: ArrayRecord, record: dict[str, Any]) -> TrainReply:
+        """A train reply from its arrays and its metrics (SecAgg+ carries them in a legacy FitRes)."""
+        scalars = _scalars(record)
+        n, index = _count(scalars, NUM_EXAMPLES, positive=True), _count(scalars, MERCHANT_INDEX)
+        rounds = _count(scalars, ROUNDS_TRAINED, positive=True)
+        info = {NUM_EXAMPLES, MERCHANT_INDEX, ROUNDS_TRAINED}
+        evaluation = {k[len(EVAL_PREFIX):]: v for k, v in scalars.items() if k.startswith(EVAL_PREFIX)}
+        metrics = {k: v for k, v in scalars.items() if k not in info and not k.startswith(EVAL_PREFIX)}
+        return cls(arrays, n, index, rounds, metrics, evaluation)
+
+    def without_secagg_count(self) -> tuple[TrainReply, int]:
+        """This reply without its SECAGG_CLIPPED count, and the count (0 when absent)."""
+        metrics = dict(self.metrics)
+        clipped = int(metrics.pop(SECAGG_CLIPPED, 0))
+        return TrainReply(self.arrays, self.num_examples, self.merchant_index, self.rounds_trained, metrics,
+                          self.evaluation), clipped
+
+    def aggregation_view(self, weight: float) -> RecordDict:
+        """What Flower's strategies aggregate: the arrays and the training metrics, weighted by `weight`.
+
+        Bookkeeping (merchant index, rounds, the carried evaluation) stays out: Flower averages every metric it
+        finds and refuses replies whose metric keys differ.
+        """
+        return RecordDict({ARRAYS: self.arrays, METRICS: MetricRecord({**self.metrics, NUM_EXAMPLES: weight})})
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """A merchant's validation metrics of the model it received."""
+
+    num_examples: int
+    merchant_index: int
+    metrics: Scalars
+
+    def to_content(self) -> RecordDict:
+        """The reply's content."""
+        return RecordDict({METRICS: MetricRecord({**self.metrics, NUM_EXAMPLES: self.num_examples,
+                                                  MERCHANT_INDEX: self.merchant_index})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EvaluateReply:
+        """Parse an evaluate reply."""
+        scalars = _scalars(_only(dict(content.metric_records), METRICS, "MetricRecord"))
+        metrics = {k: v for k, v in scalars.items() if k not in {NUM_EXAMPLES, MERCHANT_INDEX}}
+        return cls(_count(scalars, NUM_EXAMPLES), _count(scalars, MERCHANT_INDEX), metrics)
+
+    def aggregation_view(self) -> RecordDict:
+        """What Flower's strategies average: the metrics weighted by the validation examples."""
+        return RecordDict({METRICS: MetricRecord({**self.metrics, NUM_EXAMPLES: self.num_examples})})
+
+    def as_record(self) -> dict[str, Any]:
+        """The metrics with the example count and merchant index (results.json's `evaluated` entries)."""
+        return {**self.metrics, NUM_EXAMPLES: self.num_examples, MERCHANT_INDEX: self.merchant_index}
+
+
+def carried_evaluation(reply: TrainReply) -> EvaluateReply | None:
+    """The validation metrics a train reply carried, as an evaluate reply (None when it carried none)."""
+    if not reply.evaluation:
+        return None
+    scores = dict(reply.evaluation)
+    n = _count(scores, NUM_EXAMPLES)
+    scores.pop(NUM_EXAMPLES)
+    return EvaluateReply(n, reply.merchant_index, scores)
+
+
+@dataclass(frozen=True)
+class QueryReply:
+    """Who a node is: its merchant index and name, and how many training examples it holds."""
+
+    merchant_index: int
+    merchant_name: str
+    num_examples: int
+
+    def to_content(self) -> RecordDict:
+        """The reply's content."""
+        return RecordDict({METRICS: MetricRecord({MERCHANT_INDEX: self.merchant_index,
+                                                  NUM_EXAMPLES: self.num_examples}),
+                           INFO: ConfigRecord({MERCHANT_NAME: self.merchant_name})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> QueryReply:
+        """Parse a query reply."""
+        scalars = _scalars(_only(dict(content.metric_records), METRICS, "MetricRecord"))
+        info = _only(dict(content.config_records), INFO, "ConfigRecord")
+        name = info.get(MERCHANT_NAME)
+        if not isinstance(name, str) or not name:
+            raise WireError(f"missing or invalid {MERCHANT_NAME}={name!r}")
+        return cls(_count(scalars, MERCHANT_INDEX), name, _count(scalars, NUM_EXAMPLES))
+
+
+def aggregation_weight(private: bool, num_examples: int) -> int:
+    """What a merchant's update weighs in the mean: its example count, or 1 under a DP preset.
+
+    A DP preset bounds one merchant's influence on the mean by C/m, which needs an unweighted mean of m
+    clipped updates; the server's aggregation and the merchant's SecAgg+ weight both follow this rule.
+    """
+    return 1 if private else num_examples
