@@ -28,7 +28,7 @@ def direct_rounds(overrides: list[str]) -> list[float]:
     T.configure_threads(cfg.train)
     fd = D.prepare(cfg)
     tok = M.load_tokenizer(cfg.model)
-    model = M.build_model(cfg.model, fd.labels, cfg.seed)
+    model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
     gains = D.label_gains(cfg.data, fd.labels)
     trains = [M.tokenize(t, tok, cfg.train.max_length) for t in fd.train]
     vals = [M.tokenize(v, tok, cfg.train.max_length) for v in fd.val]

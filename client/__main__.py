@@ -19,7 +19,7 @@ from common.env import set_offline
 set_offline()
 
 
-from common import procs  # noqa: E402
+from common import procs, wire  # noqa: E402
 from common.cli import hydra_launcher  # noqa: E402
 from common.config import FedshopConfig  # noqa: E402
 from common.errors import FedshopError  # noqa: E402
@@ -31,6 +31,18 @@ REFUSED = {"Failed to activate SuperNode": "the server refused this merchant: it
                                    "against a TLS server)"}
 
 
+def _node_config(cfg: FedshopConfig, shard: str, name: str) -> str:
+    """This merchant's node config: its shard, index and name, and its own copy of the base model if any."""
+    d = cfg.deploy
+    items = {wire.NODE_SHARD: shard, wire.NODE_MERCHANT_INDEX: d.merchant_index, wire.NODE_MERCHANT_NAME: name}
+    if d.model_path:
+        items[wire.NODE_MODEL_PATH] = str(Path(d.model_path).expanduser().resolve())
+    for key, value in items.items():
+        if '"' in str(value):
+            raise FedshopError(f"deploy: {key} {value!r} may not contain a double quote")
+    return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in items.items())
+
+
 def supernode_command(cfg: FedshopConfig, name: str, secret: Path | None = None) -> list[str]:
     """flower-superlink's counterpart for this merchant, every address explicit.
 
@@ -39,11 +51,9 @@ def supernode_command(cfg: FedshopConfig, name: str, secret: Path | None = None)
     """
     d = cfg.deploy
     shard = str(Path(str(d.shard)).expanduser().resolve())
-    if '"' in shard:
-        raise FedshopError(f"deploy.shard={shard}: the path may not contain a double quote")
     cmd = [sys.executable, "-m", "client.supernode", "--superlink", d.superlink, "--grpc-rere", "--host", "127.0.0.1",
-           "--port", str(d.node_port), "--node-config", f'shard="{shard}" merchant-index={d.merchant_index} '
-           f'merchant-name="{name}"', "--max-retries", str(d.connect_retries),
+           "--port", str(d.node_port), "--node-config", _node_config(cfg, shard, name), "--max-retries",
+           str(d.connect_retries),
            "--max-wait-time", str(d.connect_wait)]
     if secret is not None:
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]

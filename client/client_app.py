@@ -8,15 +8,16 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import datasets
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from client import flower_patches
 from client.secure import secure_mod
@@ -37,11 +38,20 @@ class Merchant:
 
     index: int
     name: str
-    model: PreTrainedModel
+    model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
+    base_fingerprint: str  # of the frozen part of `model` (common/exchange.py)
     train: datasets.Dataset
     val: datasets.Dataset
     gains: list[float] | None
+
+    def check_base(self, requested: str | None) -> None:
+        """Refuse to work on another frozen base than the server's."""
+        if requested is not None and requested != self.base_fingerprint:
+            message = (f"{self.name}: {wire.BASE_MISMATCH} {self.base_fingerprint} differs from the server's "
+                       f"{requested}: model, finetune and labels must be the same on every merchant")
+            log.error("%s", message)
+            raise FedshopError(message)
 
 
 @dataclass
@@ -56,7 +66,7 @@ class _Shard:
 # Caches that only save work: one model skeleton per process (every message overwrites its exchanged state)
 # and the tokenised shards of the merchants this process served last (a simulation actor serves many virtual
 # merchants). What a merchant must remember between rounds lives in Context.state (common/merchant_state.py).
-_MODELS: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+_MODELS: dict[str, tuple[torch.nn.Module, PreTrainedTokenizerBase, str]] = {}
 _SHARDS: OrderedDict[str, _Shard] = OrderedDict()
 MAX_CACHED_SHARDS = 64
 
@@ -81,8 +91,12 @@ def _read_shard(cfg: FedshopConfig, node_config: dict[str, Any]) -> tuple[int, s
 
 
 def load_merchant(cfg: FedshopConfig, node_config: dict[str, Any]) -> Merchant:
-    """This node's merchant, its shard tokenised once and cached."""
-    model_key = _digest({"model": asdict(cfg.model), "data": asdict(cfg.data), "seed": cfg.seed})
+    """This node's merchant, its shard tokenised once and cached; the base model from this node's own copy
+    when its node config names one (deploy.model_path)."""
+    if node_config.get(wire.NODE_MODEL_PATH):
+        cfg = replace(cfg, model=replace(cfg.model, path=str(node_config[wire.NODE_MODEL_PATH])))
+    model_key = _digest({"model": asdict(cfg.model), "finetune": asdict(cfg.finetune), "data": asdict(cfg.data),
+                         "seed": cfg.seed})
     key = _digest({"model": model_key, "partition": asdict(cfg.partition), "merchants": cfg.simulation.num_merchants,
                    "max_length": cfg.train.max_length, "node": node_config})
     if model_key not in _MODELS:
@@ -94,15 +108,16 @@ def load_merchant(cfg: FedshopConfig, node_config: dict[str, Any]) -> Merchant:
     else:
         index, name, train, val, labels = _read_shard(cfg, node_config)
         if model_key not in _MODELS:
-            _MODELS[model_key] = (M.build_model(cfg.model, labels, cfg.seed), M.load_tokenizer(cfg.model))
+            model = M.build_model(cfg.model, labels, cfg.seed, cfg.finetune)
+            _MODELS[model_key] = (model, M.load_tokenizer(cfg.model), exchange.fingerprint(model))
         tokenizer = _MODELS[model_key][1]
         _SHARDS[key] = _Shard(index, name, M.tokenize(train, tokenizer, cfg.train.max_length),
                               M.tokenize(val, tokenizer, cfg.train.max_length), labels)
         while len(_SHARDS) > MAX_CACHED_SHARDS:
             _SHARDS.popitem(last=False)
     shard = _SHARDS[key]
-    model, tokenizer = _MODELS[model_key]
-    return Merchant(shard.index, shard.name, model, tokenizer, shard.train, shard.val,
+    model, tokenizer, fingerprint = _MODELS[model_key]
+    return Merchant(shard.index, shard.name, model, tokenizer, fingerprint, shard.train, shard.val,
                     D.label_gains(cfg.data, shard.labels))
 
 
@@ -141,7 +156,8 @@ def _train(cfg: FedshopConfig, merchant: Merchant, ins: wire.Instruction, contex
                                 cfg.simulation.attack_scale)
     state = MerchantState.load(context.state).trained(ins.server_round, n * cfg.train.local_epochs)
     state.save(context.state)
-    return wire.TrainReply(wire.to_arrays(arrays), n, merchant.index, state.rounds_trained, metrics, evaluated)
+    return wire.TrainReply(wire.cast(wire.to_arrays(arrays), cfg.strategy.wire_dtype), n, merchant.index,
+                           state.rounds_trained, metrics, evaluated)
 
 
 def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
@@ -155,6 +171,7 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
         cfg = config_of(context)
         ins = wire.Instruction.from_content(msg.content)
         merchant = load_merchant(cfg, dict(context.node_config))
+        merchant.check_base(ins.base_fingerprint)
         exchange.load(merchant.model, wire.from_arrays(ins.arrays))
         return cfg, merchant, ins
 
@@ -179,6 +196,7 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         merchant = load_merchant(config_of(context), dict(context.node_config))
+        merchant.check_base(wire.requested_fingerprint(msg.content))
         reply = wire.QueryReply(merchant.index, merchant.name, len(merchant.train))
         return Message(content=reply.to_content(), reply_to=msg)
 

@@ -43,7 +43,7 @@ PULLS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object
 
 # Flower's originals, kept for the canary tests (captured, not changed, on import).
 FLOWER_CLIP = flower_dp.clip_inputs_inplace
-FLOWER_MOD_MASKS = flower_mod.pseudo_rand_gen  # type: ignore[attr-defined]
+FLOWER_MOD_MASKS = flower_mod.pseudo_rand_gen
 FLOWER_PULL_DEFAULTS = [dict(fn.__kwdefaults__ or {}) for fn in PULLS]
 
 
@@ -100,4 +100,4 @@ def use_executor(executor: Any) -> None:
     if not hasattr(run_superexec, "get_executor"):
         raise RuntimeError("fedshop: this Flower has no flwr.supercore.superexec.run_superexec.get_executor; "
                            "use deploy.executor=subprocess")
-    run_superexec.get_executor = lambda *args, **kwargs: executor  # type: ignore[assignment]
+    run_superexec.get_executor = lambda *args, **kwargs: executor

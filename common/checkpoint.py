@@ -14,7 +14,7 @@ import torch
 
 from common.errors import FedshopError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the base fingerprint (only the exchanged state is saved)
 
 
 def config_hash(config_json: str) -> str:
@@ -59,8 +59,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save(path: Path, *, server_round: int, weights: dict[str, np.ndarray], config_json: str,
-         strategy_state: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    """Write one round's checkpoint atomically."""
+         strategy_state: dict[str, Any], history: list[dict[str, Any]], base_fingerprint: str) -> None:
+    """Write one round's checkpoint atomically: the exchanged state (only what trains) and the fingerprint of the
+    frozen base it belongs to."""
     import io
 
     payload = {
@@ -72,6 +73,7 @@ def save(path: Path, *, server_round: int, weights: dict[str, np.ndarray], confi
         "config_hash": config_hash(config_json),
         "config_json": config_json,
         "history": history,
+        "base_fingerprint": base_fingerprint,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)

@@ -39,4 +39,4 @@ def hydra_launcher(job: Callable[[FedshopConfig, Path], int], log: logging.Logge
     def main(cfg_raw: DictConfig) -> None:
         run_guarded(cfg_raw, Path(HydraConfig.get().runtime.output_dir).resolve(), job, log)
 
-    return main  # type: ignore[return-value]
+    return main

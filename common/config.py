@@ -83,6 +83,18 @@ class ModelConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Which parameters train (conf/finetune): all of them, or LoRA adapters (peft) over a frozen base."""
+
+    name: str = MISSING  # full | lora
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    target_modules: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     """Local training on one merchant."""
 
@@ -114,6 +126,7 @@ class StrategyConfig:
     min_replies: int = MISSING
     round_retries: int = MISSING
     evaluate_with_train: bool = MISSING
+    wire_dtype: str = MISSING  # float32 | float16: the arrays that travel (the server aggregates in float32)
     proximal_mu: float | None = None
     eta: float | None = None
     eta_l: float | None = None
@@ -185,6 +198,7 @@ class DeployConfig:
     test_path: str | None = None
     superlink: str = MISSING
     shard: str | None = None
+    model_path: str | None = None
     merchant_index: int = MISSING
     merchant_name: str | None = None
     key: str | None = None
@@ -262,6 +276,7 @@ class FedshopConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -275,6 +290,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "kru
 STRATEGY_FIELDS = {"fedprox": ("proximal_mu",), "fedadam": ("eta", "eta_l", "beta_1", "beta_2", "tau"),
                    "fedtrimmedavg": ("beta",), "krum": ("num_malicious_nodes",),
                    "multikrum": ("num_malicious_nodes", "num_nodes_to_select")}
+WIRE_DTYPES = ("float32", "float16")
 PRIVACY = ("none", "central", "central_adaptive", "client", "local")
 
 
@@ -288,6 +304,7 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _check(cfg.mode in {"federated", "centralized", "alone"}, "mode", cfg.mode, "federated|centralized|alone")
     _validate_data(cfg)
     _validate_train(cfg.train)
+    _validate_finetune(cfg.finetune)
     _validate_strategy(cfg)
     _validate_simulation(cfg)
     _validate_privacy(cfg)
@@ -327,8 +344,20 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.device in {"auto", "cpu", "cuda"}, "train.device", t.device, "auto|cpu|cuda")
 
 
+def _validate_finetune(f: FinetuneConfig) -> None:
+    _check(f.name in {"full", "lora"}, "finetune.name", f.name, "full|lora")
+    if f.name == "lora":
+        _check(f.rank is not None and f.rank > 0, "finetune.rank", f.rank, "> 0 with finetune=lora")
+        _check(f.alpha is not None and f.alpha > 0, "finetune.alpha", f.alpha, "> 0 with finetune=lora")
+        _check(f.dropout is not None and 0.0 <= f.dropout < 1.0, "finetune.dropout", f.dropout,
+               "a fraction in [0, 1) with finetune=lora")
+        _check(bool(f.target_modules), "finetune.target_modules", f.target_modules,
+               "module names to adapt with finetune=lora")
+
+
 def _validate_strategy(cfg: FedshopConfig) -> None:
     s = cfg.strategy
+    _check(s.wire_dtype in WIRE_DTYPES, "strategy.wire_dtype", s.wire_dtype, "|".join(WIRE_DTYPES))
     _check(s.name in STRATEGIES, "strategy.name", s.name, "|".join(STRATEGIES))
     _check(s.max_update_norm is None or s.max_update_norm > 0, "strategy.max_update_norm", s.max_update_norm,
            "> 0 or null")

@@ -9,6 +9,9 @@ itself (a personal head) would be one more rule here, read from conf/.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import torch
 
@@ -39,3 +42,25 @@ def load(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
             raise FedshopError(f"arrays do not fit the exchanged state: {k} has shape {v.shape}, expected "
                                f"{tuple(state[k].shape)}")
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, strict=False)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A hash of what must be identical everywhere because it never travels: the model's architecture and
+    labels (its config), the adapter setup, and every frozen tensor (name, dtype, shape and bytes)."""
+    from peft.peft_model import PeftModel
+
+    h = hashlib.sha256()
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    config = getattr(base, "config", None)
+    h.update(config.to_json_string(use_diff=False).encode() if config is not None else b"")
+    if isinstance(model, PeftModel):
+        # sets (target_modules) in a fixed order: str() of a set follows the process's hash seed
+        h.update(json.dumps({k: v.to_dict() for k, v in model.peft_config.items()}, sort_keys=True,
+                            default=lambda o: sorted(o) if isinstance(o, set | frozenset) else str(o)).encode())
+    exchanged = set(exchanged_names(model))
+    for name, tensor in model.state_dict().items():
+        if name not in exchanged:
+            array = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{array.dtype}|{tuple(array.shape)}".encode())
+            h.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    return h.hexdigest()[:16]

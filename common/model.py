@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from common.config import ModelConfig
+from common.config import FinetuneConfig, ModelConfig
 from common.errors import FedshopError
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,30 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise FedshopError(f"model.path={path}: no usable tokenizer: {exc}") from exc
 
 
-def build_model(cfg: ModelConfig, labels: list[str], seed: int) -> PreTrainedModel:
-    """A sequence classifier with len(labels) outputs; its new head is initialised from `seed`."""
+def build_model(cfg: ModelConfig, labels: list[str], seed: int, finetune: FinetuneConfig) -> torch.nn.Module:
+    """A sequence classifier with len(labels) outputs, its new head (and LoRA adapters) initialised from `seed`."""
+    return with_finetune(_base_model(cfg, labels, seed), finetune, seed)
+
+
+def with_finetune(model: PreTrainedModel, finetune: FinetuneConfig, seed: int) -> torch.nn.Module:
+    """The model as finetune says it trains: as it is (full), or wrapped by peft (lora: the base frozen; the
+    adapters and finetune.modules_to_save train)."""
+    if finetune.name == "full":
+        return model
+    from peft.mapping_func import get_peft_model
+    from peft.tuners.lora import LoraConfig
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=finetune.rank, lora_alpha=finetune.alpha, lora_dropout=finetune.dropout,  # type: ignore[arg-type]
+                      target_modules=list(finetune.target_modules), modules_to_save=list(finetune.modules_to_save),
+                      bias="none")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise FedshopError(f"finetune.target_modules={list(finetune.target_modules)}: {exc}") from exc
+
+
+def _base_model(cfg: ModelConfig, labels: list[str], seed: int) -> PreTrainedModel:
     transformers.logging.set_verbosity_error()
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in enumerate(labels)}
@@ -95,9 +118,24 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
                   new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
 
 
-def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, labels: list[str], out_dir: Path) -> None:
-    """Write a Hugging Face directory that AutoModelForSequenceClassification loads, plus the label names."""
+def merged(model: torch.nn.Module) -> PreTrainedModel:
+    """The plain transformers model: a LoRA model's adapters merged into a copy of its base (else the model)."""
+    from peft.peft_model import PeftModel
+
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model  # type: ignore[return-value]
+
+
+def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, labels: list[str], out_dir: Path,
+               adapter_dir: Path | None = None) -> None:
+    """Write a Hugging Face directory that AutoModelForSequenceClassification loads (adapters merged), plus the
+    label names; a LoRA model's adapter also goes to `adapter_dir` in peft's own format."""
+    from peft.peft_model import PeftModel
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    if isinstance(model, PeftModel) and adapter_dir is not None:
+        model.save_pretrained(str(adapter_dir))
+    merged(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / LABELS_FILE).write_text(json.dumps({"labels": labels}, indent=2))

@@ -53,7 +53,7 @@ def _loader(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size
     cols = [c for c in ("input_ids", "attention_mask", "token_type_ids", "label") if c in ds.column_names]
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds.select_columns(cols).with_format("python"), batch_size=batch_size,  # type: ignore[arg-type]
+    return DataLoader(ds.select_columns(cols).with_format("python"), batch_size=batch_size,
                       shuffle=shuffle, generator=gen, collate_fn=collate)
 
 
@@ -75,14 +75,15 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
     loader = _loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     steps = max(1, epochs * len(loader))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: adapters and head only
+    params = [p for _, p in trainable]
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not any(x in n for x in no_decay)],
-         "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(x in n for x in no_decay)], "weight_decay": 0.0},
+        {"params": [p for n, p in trainable if not any(x in n for x in no_decay)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in trainable if any(x in n for x in no_decay)], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     total_loss, seen = 0.0, 0
     for epoch in range(epochs):
         bar = tqdm(_batches(loader, device), total=len(loader), desc=f"{desc} epoch {epoch + 1}/{epochs}",
@@ -92,12 +93,12 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
                 out = model(**batch)
             loss = out.loss
             if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             n = int(batch["labels"].shape[0])

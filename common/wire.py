@@ -2,12 +2,13 @@
 
 What crosses the network in one round (keys are the constants below):
 
-    server -> merchant  train     {ARRAYS: exchanged state, CONFIG: {SERVER_ROUND, EVALUATE_FIRST?, PROXIMAL_MU?}}
+    server -> merchant  train     {ARRAYS: exchanged state, CONFIG: {SERVER_ROUND, BASE_FINGERPRINT, EVALUATE_FIRST?,
+                                                                     PROXIMAL_MU?}}
     merchant -> server  reply     {ARRAYS: trained exchanged state,
                                    METRICS: {NUM_EXAMPLES, MERCHANT_INDEX, ROUNDS_TRAINED, TRAIN_LOSS, TRAIN_SECONDS,
                                              EVAL_PREFIX + validation metric of the received model ...}}
     server -> merchant  evaluate  {ARRAYS, CONFIG}      reply {METRICS: {NUM_EXAMPLES, MERCHANT_INDEX, loss, ...}}
-    server -> merchant  query     {}                    reply {METRICS: {MERCHANT_INDEX, NUM_EXAMPLES},
+    server -> merchant  query     {CONFIG: {BASE_FINGERPRINT}}  reply {METRICS: {MERCHANT_INDEX, NUM_EXAMPLES},
                                                                INFO: {MERCHANT_NAME}}
 
 Flower's own strategies read NUM_EXAMPLES (their `weighted_by_key`), ARRAYS and CONFIG; SERVER_ROUND and
@@ -36,6 +37,7 @@ INFO = "info"
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 EVALUATE_FIRST = "evaluate-first"  # 1: evaluate the received model before training (strategy.evaluate_with_train)
+BASE_FINGERPRINT = "base-fingerprint"  # the frozen base every party must hold (common/exchange.py); query too
 
 # Replies (METRICS, INFO).
 NUM_EXAMPLES = "num-examples"  # Flower's weighted_by_key
@@ -55,6 +57,10 @@ NODE_SHARD = "shard"
 NODE_MERCHANT_INDEX = "merchant-index"
 NODE_MERCHANT_NAME = "merchant-name"
 NODE_PARTITION_ID = "partition-id"
+NODE_MODEL_PATH = "model-path"  # the merchant's own copy of the base (deploy.model_path)
+
+# The start of a merchant's refusal to train on another frozen base than the server's (client/client_app.py).
+BASE_MISMATCH = "base model fingerprint"
 
 Scalars = dict[str, float]
 Spec = dict[str, tuple[tuple[int, ...], str]]  # array name -> (shape, dtype)
@@ -108,6 +114,7 @@ class Instruction:
 
     arrays: ArrayRecord
     server_round: int
+    base_fingerprint: str | None = None
     evaluate_first: bool = False
     proximal_mu: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # config keys of other components (e.g. DP mods)
@@ -121,13 +128,16 @@ class Instruction:
         if not isinstance(rnd, int) or isinstance(rnd, bool):
             raise WireError(f"missing or invalid {SERVER_ROUND}={rnd!r}")
         first, mu = config.pop(EVALUATE_FIRST, 0), config.pop(PROXIMAL_MU, 0.0)
-        if not isinstance(first, int) or not isinstance(mu, int | float):
-            raise WireError(f"invalid {EVALUATE_FIRST}={first!r} or {PROXIMAL_MU}={mu!r}")
-        return cls(arrays, rnd, bool(first), float(mu), config)
+        base = config.pop(BASE_FINGERPRINT, None)
+        if not isinstance(first, int) or not isinstance(mu, int | float) or not isinstance(base, str | None):
+            raise WireError(f"invalid {EVALUATE_FIRST}={first!r}, {PROXIMAL_MU}={mu!r} or {BASE_FINGERPRINT}={base!r}")
+        return cls(arrays, rnd, base, bool(first), float(mu), config)
 
     def to_content(self) -> RecordDict:
         """The message content (SecAgg+ rebuilds it on the merchant from a legacy FitIns)."""
         config: dict[str, Any] = {**self.extra, SERVER_ROUND: self.server_round}
+        if self.base_fingerprint is not None:
+            config[BASE_FINGERPRINT] = self.base_fingerprint
         if self.evaluate_first:
             config[EVALUATE_FIRST] = 1
         if self.proximal_mu:
@@ -135,9 +145,33 @@ class Instruction:
         return RecordDict({ARRAYS: self.arrays, CONFIG: ConfigRecord(config)})
 
 
-def train_config(evaluate_first: bool) -> ConfigRecord:
+def train_config(evaluate_first: bool, base_fingerprint: str) -> ConfigRecord:
     """The config the round loop hands the strategy's configure_train (Flower adds SERVER_ROUND, FedProx mu)."""
-    return ConfigRecord({EVALUATE_FIRST: 1} if evaluate_first else {})
+    return ConfigRecord({BASE_FINGERPRINT: base_fingerprint, **({EVALUATE_FIRST: 1} if evaluate_first else {})})
+
+
+def evaluate_config(base_fingerprint: str) -> ConfigRecord:
+    """The config the round loop hands the strategy's configure_evaluate."""
+    return ConfigRecord({BASE_FINGERPRINT: base_fingerprint})
+
+
+def query_content(base_fingerprint: str) -> RecordDict:
+    """A query: who are you, and do you hold this frozen base?"""
+    return RecordDict({CONFIG: ConfigRecord({BASE_FINGERPRINT: base_fingerprint})})
+
+
+def requested_fingerprint(content: RecordDict) -> str | None:
+    """The base fingerprint a server message carries (None when it carries none)."""
+    config = content.config_records.get(CONFIG)
+    value = config.get(BASE_FINGERPRINT) if config is not None else None
+    return value if isinstance(value, str) else None
+
+
+def cast(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The arrays in `dtype` (float32 | float16 on the wire); the same record when they already are."""
+    if all(a.dtype == dtype for a in record.values()):
+        return record
+    return ArrayRecord({k: Array(a.numpy().astype(dtype)) for k, a in record.items()})
 
 
 @dataclass(frozen=True)

@@ -118,9 +118,11 @@ def serve(cfg: FedshopConfig, run_dir: Path) -> int:
     finally:
         procs.stop(superlink)
     results = run_dir / "results.json"
-    status = json.loads(results.read_text()).get("status") if results.is_file() else None
-    if status != "completed":
-        raise FedshopError(f"the federated run did not complete (status {status}); see {run_dir}/serverapp.log")
+    doc = json.loads(results.read_text()) if results.is_file() else {}
+    if doc.get("status") != "completed":
+        why = f": {doc['error']}" if doc.get("error") else ""
+        raise FedshopError(f"the federated run did not complete (status {doc.get('status')}){why}; see "
+                           f"{run_dir}/serverapp.log")
     log.info("run directory: %s", run_dir)
     return 0
 

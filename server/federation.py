@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from common import checkpoint as C
@@ -21,6 +21,7 @@ from common import exchange, wire
 from common import model as M
 from common import train as T
 from common.config import FedshopConfig, training_json
+from common.errors import FedshopError
 from common.results import RunLog
 from server import flower_patches
 from server.grid import MerchantGrid
@@ -51,19 +52,25 @@ class Federation:
         T.configure_threads(cfg.train)
         test_raw, self.labels = D.load_test(cfg)
         self.tokenizer = M.load_tokenizer(cfg.model)
-        self.model = M.build_model(cfg.model, self.labels, cfg.seed)
+        self.model = M.build_model(cfg.model, self.labels, cfg.seed, cfg.finetune)
         self.test = M.tokenize(test_raw, self.tokenizer, cfg.train.max_length)
         self.gains = D.label_gains(cfg.data, self.labels)
+        self.base_fingerprint = exchange.fingerprint(self.model)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval,
                                  run_dir / "messages.jsonl" if cfg.deploy.audit_messages else None)
+        self.grid.base_fingerprint = self.base_fingerprint
         self.ckpt_dir = run_dir / "checkpoints"
         self.last = C.latest(self.ckpt_dir)
         self.payload = C.load(self.last, self.cfg_json) if self.last is not None else None
+        if self.payload is not None and self.payload.get("base_fingerprint") != self.base_fingerprint:
+            raise FedshopError(f"checkpoint {self.last}: written for the frozen base "
+                               f"{self.payload.get('base_fingerprint')}, but this server's is {self.base_fingerprint}")
         self.aggregator = self._aggregator()
         self.secure = SecureRound(cfg, self.grid, self.aggregator) if cfg.secagg.name == "plus" else None
         self.runlog = RunLog(run_dir, {"mode": "federated", "strategy": cfg.strategy.name, "labels": self.labels,
-                                       "test_examples": len(self.test),
+                                       "test_examples": len(self.test), "finetune": cfg.finetune.name,
+                                       "base_fingerprint": self.base_fingerprint,
                                        "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"},
                              self.payload["history"] if self.payload is not None else None)
 
@@ -74,8 +81,7 @@ class Federation:
             saved = (self.payload or {}).get("strategy_state", {}).get("privacy", {})
             population = int(saved.get("population") or cfg.privacy.population or connected_merchants(self.grid, cfg))
         strategy = make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, population)
-        return Aggregator(strategy, wire.spec(exchange.extract(self.model)), private=private,
-                          min_replies=cfg.strategy.min_replies, max_update_norm=cfg.strategy.max_update_norm)
+        return Aggregator.for_config(strategy, wire.spec(exchange.extract(self.model)), cfg)
 
     def server_eval(self, weights: dict[str, Any]) -> dict[str, float]:
         """The global model's metrics on the held-out test set."""
@@ -85,7 +91,8 @@ class Federation:
     def checkpoint(self, rnd: int, weights: dict[str, Any]) -> None:
         """Write round rnd's checkpoint (atomic)."""
         C.save(self.ckpt_dir / f"round_{rnd}.pt", server_round=rnd, weights=weights, config_json=self.cfg_json,
-               strategy_state=self.aggregator.state(), history=self.runlog.rounds)
+               strategy_state=self.aggregator.state(), history=self.runlog.rounds,
+               base_fingerprint=self.base_fingerprint)
 
     def start(self) -> tuple[ArrayRecord, int]:
         """The global state and the first round to run: after the last checkpoint, or round 0 evaluated."""
@@ -103,6 +110,13 @@ class Federation:
         self.runlog.write(status="running")
         return wire.to_arrays(weights), start
 
+    def check_bases(self, reasons: list[str]) -> None:
+        """Stop the run when a merchant holds another frozen base: a federation over different bases is void."""
+        refusals = [r for r in [*self.grid.refused.values(), *reasons] if wire.BASE_MISMATCH in r]
+        if refusals:
+            self.runlog.write(status="refused", error=refusals[0])
+            raise FedshopError(f"a merchant refused the run: {refusals[0]}")
+
     def budget_stop(self, rnd: int) -> dict[str, Any] | None:
         """Why the run stops before round rnd (None when it goes on): a DP budget the round would exceed."""
         if not self.aggregator.budget_exhausted():
@@ -115,15 +129,19 @@ class Federation:
 
     def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[TrainResult, list[TrainReport]]:
         """One round's training, retried while too few valid replies arrive; the result and the failed attempts."""
-        config, retries = wire.train_config(self.cfg.strategy.evaluate_with_train), self.cfg.strategy.round_retries
+        config = wire.train_config(self.cfg.strategy.evaluate_with_train, self.base_fingerprint)
+        retries = self.cfg.strategy.round_retries
         failed: list[TrainReport] = []
         while True:
+            self.grid.get_node_ids()  # identifies merchants that joined since: a foreign base stops the run here
+            self.check_bases([])
             if self.secure is not None:
                 result = self.secure.run(rnd, arrays, config)
             else:
                 sent = self.aggregator.configure_train(rnd, arrays, config, self.grid)
                 replies = self.grid.send_and_receive(sent.messages, timeout=self.cfg.strategy.round_timeout)
                 result = self.aggregator.aggregate_train(sent, replies)
+            self.check_bases([d.reason for d in result.report.dropped])
             if not result.report.too_few_replies or len(failed) == retries:
                 return result, failed
             failed.append(result.report)
@@ -131,7 +149,8 @@ class Federation:
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> EvaluateResult:
         """Federated evaluation of the global state by the sampled merchants."""
-        messages = self.aggregator.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
+        messages = self.aggregator.configure_evaluate(rnd, arrays, wire.evaluate_config(self.base_fingerprint),
+                                                      self.grid)
         return self.aggregator.aggregate_evaluate(rnd, self.grid.send_and_receive(
             messages, timeout=self.cfg.strategy.round_timeout))
 
@@ -166,7 +185,7 @@ class Federation:
                 break
             arrays = self.run_round(rnd, arrays)
         exchange.load(self.model, wire.from_arrays(arrays))
-        M.save_final(self.model, self.tokenizer, self.labels, self.run_dir / "model")
+        M.save_final(self.model, self.tokenizer, self.labels, self.run_dir / "model", self.run_dir / "adapter")
         final = self.runlog.rounds[-1]["server"]
         extra: dict[str, Any] = {"privacy": self.aggregator.privacy_spent()} if self.cfg.privacy.name != "none" else {}
         if stopped is not None:

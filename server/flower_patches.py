@@ -116,7 +116,7 @@ class AdaptiveNoiseFix:
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
         updated, self.clipping_norm = self.clipping_norm, self._clip_used
         try:
-            return super()._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[misc, no-any-return]
+            return super()._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[misc]
         finally:
             self.clipping_norm = updated
 

@@ -34,6 +34,8 @@ class MerchantGrid(Grid):
         self.index: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.sizes: dict[int, int] = {}  # training examples per node, as the node reported them
+        self.base_fingerprint = ""  # asked of every node with its identity (common/exchange.py)
+        self.refused: dict[int, str] = {}  # nodes that hold another frozen base: why
         # Called with (sent, replies, seconds) after every send_and_receive (SecAgg+ counts its stages so).
         self.tap: Callable[[list[Message], list[Message], float], None] | None = None
 
@@ -89,7 +91,8 @@ class MerchantGrid(Grid):
         unknown = [n for n in node_ids if n not in self.index]
         if not unknown:
             return
-        asks = [Message(content=RecordDict(), message_type=wire.QUERY, dst_node_id=n) for n in unknown]
+        asks = [Message(content=wire.query_content(self.base_fingerprint), message_type=wire.QUERY, dst_node_id=n)
+                for n in unknown]
         for reply in self.send_and_receive(asks, timeout=self.timeout):
             node = reply.metadata.src_node_id
             try:
@@ -97,6 +100,8 @@ class MerchantGrid(Grid):
                     raise wire.WireError(reply.error.reason)
                 who = wire.QueryReply.from_content(reply.content)
             except wire.WireError as err:
+                if wire.BASE_MISMATCH in str(err):
+                    self.refused[node] = str(err)
                 log.warning("node %d did not identify itself: %s", node, err)
                 continue
             self.index[node], self.names[node], self.sizes[node] = (who.merchant_index, who.merchant_name,

@@ -213,4 +213,4 @@ def make_private(inner: FedAvg, cfg: PrivacyConfig, strategy: StrategyConfig, po
     else:
         wrapped = LocalAccounted(inner, ledger, cfg.clipping_norm)
     wrapped.ledger = ledger
-    return wrapped  # type: ignore[no-any-return]
+    return wrapped

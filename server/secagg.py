@@ -104,7 +104,8 @@ class _Bridge(LegacyStrategy):
                                f"{sa.quantization_range} reaches secagg.modulus_range={sa.modulus_range}, so the "
                                "masked sum would overflow: lower the quantization range or sample fewer merchants")
         owner.workflow.max_weight = owner.max_weight(list(self.by_node))
-        model = compat.arrayrecord_to_parameters(self.arrays, keep_input=True)
+        on_the_wire = self.sent.messages[0].content[wire.ARRAYS] if self.sent.messages else self.arrays
+        model = compat.arrayrecord_to_parameters(on_the_wire, keep_input=True)  # type: ignore[arg-type]
         names = "\n".join(self.arrays.keys())
         # The workflow uses a proxy only for its node id.
         fitins = []
@@ -125,7 +126,7 @@ class _Bridge(LegacyStrategy):
         replies = []
         for proxy, res in results:
             metrics = dict(res.metrics)
-            self.clipped += int(metrics.pop(wire.SECAGG_CLIPPED, 0))  # type: ignore[call-overload]
+            self.clipped += int(metrics.pop(wire.SECAGG_CLIPPED, 0))
             content = RecordDict({wire.ARRAYS: model, wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
             replies.append(Message(content, reply_to=self.by_node[int(proxy.cid)]))
         self.result = self.owner.aggregator.aggregate_train(self.sent, replies, secure=True)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import wire
-from common.config import StrategyConfig
+from common.config import FedshopConfig, StrategyConfig
 from server import flower_patches
 from server.grid import payload_bytes
 from server.privacy import Private
@@ -135,17 +135,38 @@ class Sent:
 class Aggregator:
     """Flower's strategy chain behind reply validation; every call returns what happened instead of storing it."""
 
-    def __init__(self, strategy: Strategy, spec: wire.Spec, *, private: bool, min_replies: int = 1,
-                 max_update_norm: float | None = None) -> None:
+    def __init__(self, strategy: Strategy, spec: wire.Spec, *, private: bool, min_replies: int,
+                 max_update_norm: float | None, wire_dtype: str) -> None:
         self.strategy = strategy
-        self.spec = spec  # the exchanged state's names, shapes and dtypes
+        self.spec = spec  # the exchanged state's names, shapes and dtypes, as the server keeps and aggregates it
+        self.wire_dtype = wire_dtype  # what travels, both ways (strategy.wire_dtype)
+        self.wire_spec = {k: (shape, wire_dtype) for k, (shape, _) in spec.items()}
         self.private = private  # a DP preset: every update weighs 1 (wire.aggregation_weight)
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
 
+    @classmethod
+    def for_config(cls, strategy: Strategy, spec: wire.Spec, cfg: FedshopConfig) -> Aggregator:
+        """The Aggregator the run's config asks for."""
+        return cls(strategy, spec, private=cfg.privacy.name != "none", min_replies=cfg.strategy.min_replies,
+                   max_update_norm=cfg.strategy.max_update_norm, wire_dtype=cfg.strategy.wire_dtype)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Sent:
-        """Sample merchants and build their train messages (Flower's configure_train)."""
-        return Sent(server_round, list(self.strategy.configure_train(server_round, arrays, config, grid)), arrays)
+        """Sample merchants and build their train messages (Flower's configure_train), arrays in the wire dtype."""
+        messages = self._on_the_wire(self.strategy.configure_train(server_round, arrays, config, grid))
+        return Sent(server_round, messages, arrays)
+
+    def _on_the_wire(self, messages: Iterable[Message]) -> list[Message]:
+        out, cast = [], {}  # one cast per distinct ArrayRecord (Flower sends every merchant the same one)
+        for msg in messages:
+            record = msg.content.array_records.get(wire.ARRAYS)
+            if record is None or self.wire_dtype == "float32":
+                out.append(msg)
+                continue
+            if id(record) not in cast:
+                cast[id(record)] = wire.cast(record, self.wire_dtype)
+            out.append(_view(RecordDict({**msg.content, wire.ARRAYS: cast[id(record)]}), msg))
+        return out
 
     def _accept(self, msg: Message, sent: Sent,
                 reference: dict[str, np.ndarray] | None) -> tuple[wire.TrainReply, Replied] | Dropped:
@@ -154,7 +175,8 @@ class Aggregator:
             return Dropped(node, f"error: {msg.error.reason}")
         try:
             reply = wire.TrainReply.from_content(msg.content)
-            problem = check_update(reply.arrays, self.spec)
+            # SecAgg+: the server built these arrays itself (global state + unmasked mean), in its own dtype.
+            problem = check_update(reply.arrays, self.wire_spec if reference is not None else self.spec)
         except wire.WireError as err:
             problem = str(err)
         norm = None if problem or reference is None else update_norm(reply.arrays, reference)
@@ -184,7 +206,9 @@ class Aggregator:
             if (evaluation := wire.carried_evaluation(reply)) is not None:
                 carried.append(Evaluated(entry.node, evaluation))
             weight = wire.aggregation_weight(self.private, reply.num_examples)
-            views.append((reply.merchant_index, _view(reply.aggregation_view(weight), msg)))
+            view = reply.aggregation_view(weight)
+            view[wire.ARRAYS] = self._as_spec(reply.arrays)  # aggregated in the server's dtype (float32)
+            views.append((reply.merchant_index, _view(view, msg)))
         answered = {r.node for r in replied} | {d.node for d in dropped}
         dropped += [Dropped(n, "no reply before the round timeout") for n in sent.nodes if n not in answered]
         report = TrainReport(sent.nodes, replied, dropped, carried, sent.bytes_down * len(sent.nodes),
@@ -198,18 +222,24 @@ class Aggregator:
         arrays, metrics = self.strategy.aggregate_train(sent.server_round, [m for _, m in views])
         return TrainResult(self._as_spec(arrays), metrics, replace(report, privacy=self.privacy_spent()))
 
+    @overload
+    def _as_spec(self, arrays: ArrayRecord) -> ArrayRecord: ...
+
+    @overload
+    def _as_spec(self, arrays: None) -> None: ...
+
     def _as_spec(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
-        """The aggregate in the exchanged dtypes. Flower's FedAdam returns float64 for float32 weights (numpy
-        promotes `x + eta * m / (sqrt(v) + tau)`), which doubled the download and made every later float32
-        reply look malformed."""
+        """Arrays in the exchanged (server) dtypes: a float16 reply before it is averaged, and the aggregate.
+        Flower's FedAdam returns float64 for float32 weights (numpy promotes `x + eta * m / (sqrt(v) + tau)`),
+        which doubled the download and made every later float32 reply look malformed."""
         if arrays is None or all(a.dtype == self.spec[k][1] for k, a in arrays.items()):
             return arrays
         return wire.to_arrays({k: a.numpy().astype(self.spec[k][1]) for k, a in arrays.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
-        """Sample merchants for federated evaluation (Flower's configure_evaluate)."""
-        return list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        """Sample merchants for federated evaluation (Flower's configure_evaluate), arrays in the wire dtype."""
+        return self._on_the_wire(self.strategy.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> EvaluateResult:
         """The merchants' validation metrics, weighted by their validation examples."""

@@ -31,7 +31,7 @@ def _setup(cfg: FedshopConfig) -> tuple[D.FederatedData, Any, Any, list[float] |
 def run_centralized(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     """One model trained on the union of all merchants' train splits, num_rounds × local_epochs epochs."""
     fd, tokenizer, test, gains = _setup(cfg)
-    model = M.build_model(cfg.model, fd.labels, cfg.seed)
+    model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
     pooled = M.tokenize(fd.pooled_train, tokenizer, cfg.train.max_length)
     runlog = RunLog(run_dir, {"mode": "centralized", "labels": fd.labels, "train_examples": len(pooled),
                               "test_examples": len(fd.test), "title": f"fedshop centralized, {cfg.model.name}"})
@@ -62,7 +62,7 @@ def run_alone(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     per_merchant: dict[str, dict[str, float]] = {}
     largest = int(np.argmax(sizes))
     for k, (name, train) in enumerate(zip(fd.names, fd.train, strict=True)):
-        model = M.build_model(cfg.model, fd.labels, cfg.seed)
+        model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
         tok = M.tokenize(train, tokenizer, cfg.train.max_length)
         per_round[0].append(T.evaluate(model, test, tokenizer, cfg.train, gains))
         for rnd in range(1, cfg.strategy.num_rounds + 1):

@@ -45,17 +45,17 @@ def tiny_cfg():
     return compose([*TINY_REVIEWS, "simulation.num_merchants=3"])
 
 
-def assert_replies_carry_no_data(run_dir: Path) -> dict[str, int]:
-    """Every message the merchants sent (the server's audit, messages.jsonl) carries only the model's arrays
-    and scalar metrics: no text but the merchant's configured name, no token ids, no per-example values.
-    Returns how many replies of each type were checked."""
+def assert_replies_carry_no_data(run_dir: Path, wire_dtype: str = "float32") -> dict[str, int]:
+    """Every message the merchants sent (the server's audit, messages.jsonl) carries only the exchanged arrays
+    (all weights, or the adapters and head with LoRA; in `wire_dtype`) and scalar metrics: no text but the
+    merchant's configured name, no token ids, no per-example values. Returns how many replies of each type
+    were checked."""
     import json
 
     from common import checkpoint as C
 
     weights = C.load(run_dir / "checkpoints" / "round_0.pt")["weights"]
-    model: dict[str, dict[str, Any]] = {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
-                                         for k, v in weights.items()}
+    model: dict[str, dict[str, Any]] = {k: {"dtype": wire_dtype, "shape": list(v.shape)} for k, v in weights.items()}
     assert all(v["dtype"].startswith("float") for v in model.values())
     names = set(json.loads((run_dir / "results.json").read_text()).get("merchants") or [])
     counts: dict[str, int] = {}

@@ -56,12 +56,13 @@ def assert_completed(d: Deployment, rounds: int = 2) -> dict:
 
 
 def test_insecure_server_and_three_merchants(deployment, tmp_path):
+    """LoRA over gRPC: three merchant processes, the adapters (and head) the only arrays that travel."""
     from common import checkpoint as C
 
     d = deployment
-    d.start_server()
+    d.start_server(*LORA)
     for i in range(3):
-        d.start_merchant(i)
+        d.start_merchant(i, *LORA)
     assert d.wait_server() == 0, d.log("server")
     results = assert_completed(d)
     assert results["merchants"] == ["merchant_00", "merchant_01", "merchant_02"]
@@ -86,12 +87,57 @@ def test_insecure_server_and_three_merchants(deployment, tmp_path):
     # The same seeds and config in simulation give the same final model (within 1e-6).
     sim_dir = tmp_path / "sim"
     sim_dir.mkdir()
-    proc = run_cli("simulation", [*BASE, f"hydra.run.dir={sim_dir}/run"], sim_dir)
+    proc = run_cli("simulation", [*BASE, *LORA, f"hydra.run.dir={sim_dir}/run"], sim_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     deployed = C.load(d.run_dir / "checkpoints" / "round_2.pt")["weights"]
+    assert deployed and all(".lora_" in k or ".modules_to_save." in k for k in deployed)
+    for r in results["rounds"][1:]:
+        assert all(x["bytes_up"] < 200_000 for x in r["replied"])  # the full tiny model is 17 MB
+    assert (d.run_dir / "adapter" / "adapter_config.json").is_file()
     simulated = C.load(sim_dir / "run" / "checkpoints" / "round_2.pt")["weights"]
     for key in deployed:
         np.testing.assert_allclose(deployed[key], simulated[key], atol=1e-6, rtol=0)
+
+
+LORA = ["finetune=lora"]
+
+
+@pytest.mark.slow
+def test_a_merchant_with_another_base_model_stops_the_run(tmp_path, shards):
+    """Merchant 2's own copy of the base (deploy.model_path) differs in one weight: it refuses with one line
+    naming both fingerprints, and the server stops the run rather than federate over different bases."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from common import model as M
+    from common.config import compose
+
+    cfg = compose([*BASE, *LORA])
+    base = tmp_path / "base"
+    M.save_final(M.build_model(cfg.model, ["negative", "neutral", "positive"], 0, compose(BASE).finetune),
+                 M.load_tokenizer(cfg.model), ["negative", "neutral", "positive"], base)
+    other = tmp_path / "other-base"
+    model = AutoModelForSequenceClassification.from_pretrained(base)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.bias[0] += 1e-3
+    model.save_pretrained(other)
+    M.load_tokenizer(cfg.model).save_pretrained(other)
+    local = [*LORA, "model=local", f"model.path={base}"]
+    d = Deployment(tmp_path, shards, ["deploy.insecure=true"])
+    try:
+        d.start_server(*local)
+        d.start_merchant(0, *local)
+        d.start_merchant(1, *local)
+        d.start_merchant(2, *local, f"deploy.model_path={other}")
+        assert d.wait_server() == 2
+        out = d.log("server")
+        line = next(x for x in out.splitlines() if x.startswith("fedshop: error:"))
+        assert "merchant_02: base model fingerprint" in line and "differs from the server's" in line, out
+        assert d.results()["status"] == "refused"
+        mine, theirs = line.split("fingerprint ")[1].split()[0], line.split("server's ")[1].split(":")[0]
+        assert len(mine) == len(theirs) == 16 and mine != theirs
+    finally:
+        d.close()
 
 
 @pytest.mark.slow

@@ -26,10 +26,10 @@ from common import wire
 from common.config import compose
 from server import flower_patches as server_patches
 from server.privacy import make_private
-from server.strategy import Aggregator, build_strategy
+from server.strategy import build_strategy
 from tests.conftest import ROOT
 from tests.test_secagg import config, one_round
-from tests.test_strategy import reply, sent
+from tests.test_strategy import aggregator, reply, sent
 
 SHAPES = [(300, 40), (7,)]
 
@@ -73,7 +73,7 @@ def _adaptive_round(strategy: DifferentialPrivacyServerSideAdaptiveClipping) -> 
     before = strategy.clipping_norm
     np.random.seed(7)
     replies = [reply(n, step, {wire.NUM_EXAMPLES: 1}) for n in (1, 2, 3)]
-    result = Aggregator(strategy, wire.spec(theta), private=True).aggregate_train(sent([1, 2, 3], theta), replies)
+    result = aggregator(strategy, wire.spec(theta), private=True).aggregate_train(sent([1, 2, 3], theta), replies)
     assert result.arrays is not None
     return float((result.arrays["w"].numpy() - step["w"]).std()), before, strategy.clipping_norm
 
@@ -103,7 +103,7 @@ def test_canary_fedadam_still_keeps_its_moments_in_m_t_and_v_t():
 
     def round_of(strategy: FedAvg) -> ArrayRecord:
         strategy.current_arrays = {k: v.copy() for k, v in theta.items()}  # type: ignore[attr-defined]
-        result = Aggregator(strategy, wire.spec(theta), private=False).aggregate_train(
+        result = aggregator(strategy, wire.spec(theta), private=False).aggregate_train(
             sent([1, 2], theta), [reply(i + 1, u, {wire.NUM_EXAMPLES: 5}) for i, u in enumerate(updates)])
         assert result.arrays is not None
         return result.arrays

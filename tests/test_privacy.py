@@ -25,9 +25,9 @@ from common import wire
 from common.config import compose
 from server import flower_patches
 from server.privacy import Ledger, make_private
-from server.strategy import Aggregator, build_strategy
+from server.strategy import build_strategy
 from tests.conftest import TINY_REVIEWS, run_cli
-from tests.test_strategy import reply, sent
+from tests.test_strategy import aggregator, reply, sent
 
 FLOATS = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -71,7 +71,7 @@ def test_central_noise_std_is_z_c_over_the_replies_aggregated_even_after_a_dropo
     np.random.seed(0)
     theta = {"w": np.random.randn(400, 250).astype(np.float32)}
     dp.current_arrays = ArrayRecord({"w": Array(theta["w"])})
-    recording = Aggregator(dp, wire.spec(theta), private=True)
+    recording = aggregator(dp, wire.spec(theta), private=True)
     # Three of five sampled merchants reply, each with the global model unchanged: the aggregate is pure noise.
     replies = [reply(n, theta, {wire.NUM_EXAMPLES: 10 * n}) for n in (1, 2, 3)]
     result = recording.aggregate_train(sent([1, 2, 3, 4, 5], theta), replies)
@@ -96,8 +96,8 @@ def test_dp_aggregation_is_unweighted_mean_of_clipped_updates():
     dp.current_arrays = ArrayRecord({"w": Array(zero["w"])})
     big = {"w": np.full((2, 2), 3.0, np.float32)}  # norm 6: clipped to 1 -> every entry 0.5
     small = {"w": np.full((2, 2), 0.1, np.float32)}  # norm 0.2: unchanged
-    aggregator = Aggregator(dp, wire.spec(zero), private=True)
-    result = aggregator.aggregate_train(sent([1, 2], zero), [reply(1, big, {wire.NUM_EXAMPLES: 1000}),
+    chain = aggregator(dp, wire.spec(zero), private=True)
+    result = chain.aggregate_train(sent([1, 2], zero), [reply(1, big, {wire.NUM_EXAMPLES: 1000}),
                                                              reply(2, small, {wire.NUM_EXAMPLES: 1})])
     assert result.arrays is not None  # the example counts are recorded but do not weigh
     np.testing.assert_allclose(result.arrays["w"].numpy(), np.full((2, 2), (0.5 + 0.1) / 2), atol=1e-4)
@@ -231,20 +231,20 @@ def test_accountant_and_adaptive_clip_resume_from_a_checkpoint(tmp_path):
     from common import checkpoint as C
 
     dp, _ = private_strategy("central_adaptive", 4, noise_multiplier=1.3, target_epsilon=20)
-    before = Aggregator(dp, {}, private=True)
+    before = aggregator(dp, {}, private=True)
     for _ in range(3):
         dp.ledger.compose()
     dp.clipping_norm = 0.37
     C.save(tmp_path / "round_3.pt", server_round=3, weights={"w": np.zeros(2, np.float32)}, config_json="{}",
-           strategy_state=before.state(), history=[])
+           strategy_state=before.state(), history=[], base_fingerprint="f")
     state = C.load(tmp_path / "round_3.pt")["strategy_state"]
     elsewhere, _ = private_strategy("central_adaptive", 9, noise_multiplier=1.3)
     with pytest.raises(ValueError, match="does not match"):  # an accountant for another population refuses it
-        Aggregator(elsewhere, {}, private=True).load_state(state)
+        aggregator(elsewhere, {}, private=True).load_state(state)
     # server/federation.py builds the resumed strategy for the population the checkpoint was accounted over
     fresh, _ = private_strategy("central_adaptive", state["privacy"]["population"], noise_multiplier=1.3,
                                 target_epsilon=20)
-    after = Aggregator(fresh, {}, private=True)
+    after = aggregator(fresh, {}, private=True)
     after.load_state(state)
     spent, reference = after.privacy_spent(), before.privacy_spent()
     assert spent is not None and spent == reference and spent["releases"] == 3 and fresh.clipping_norm == 0.37

@@ -11,27 +11,27 @@ from common.config import compose
 from server.report import TrainResult
 from server.strategy import Aggregator, build_strategy
 from tests.conftest import TINY_REVIEWS
-from tests.test_strategy import reply, sent
+from tests.test_strategy import aggregator, reply, sent
 
 ROBUST = ["fedmedian", "fedtrimmedavg", "krum", "multikrum"]
 
 
 def recording(name: str, reference: dict[str, np.ndarray], **extra: str) -> tuple[Aggregator, dict]:
     cfg = compose([f"strategy={name}", *[f"strategy.{k}={v}" for k, v in extra.items()]]).strategy
-    return Aggregator(build_strategy(cfg), wire.spec(reference), private=False,
+    return aggregator(build_strategy(cfg), wire.spec(reference), private=False,
                       max_update_norm=cfg.max_update_norm), reference
 
 
-def aggregate_result(aggregator: tuple[Aggregator, dict], updates: list[dict[str, np.ndarray]],
+def aggregate_result(chain: tuple[Aggregator, dict], updates: list[dict[str, np.ndarray]],
                      sizes: list[int]) -> TrainResult:
-    strategy, reference = aggregator
+    strategy, reference = chain
     replies = [reply(i + 1, u, {wire.NUM_EXAMPLES: n}) for i, (u, n) in enumerate(zip(updates, sizes, strict=True))]
     return strategy.aggregate_train(sent(list(range(1, len(updates) + 1)), reference), replies)
 
 
-def aggregate(aggregator: tuple[Aggregator, dict], updates: list[dict[str, np.ndarray]],
+def aggregate(chain: tuple[Aggregator, dict], updates: list[dict[str, np.ndarray]],
               sizes: list[int]) -> dict[str, np.ndarray]:
-    result = aggregate_result(aggregator, updates, sizes)
+    result = aggregate_result(chain, updates, sizes)
     assert result.arrays is not None
     return wire.from_arrays(result.arrays)
 
@@ -75,7 +75,7 @@ def round_updates():
     cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=5", "train.num_threads=1"])
     fd = D.prepare(cfg)
     tokenizer = M.load_tokenizer(cfg.model)
-    model = M.build_model(cfg.model, fd.labels, cfg.seed)
+    model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
     start = exchange.extract(model)
     updates, sizes = [], []
     for i, shard in enumerate(fd.train):

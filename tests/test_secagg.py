@@ -27,8 +27,9 @@ from server.grid import MerchantGrid
 from server.privacy import make_private
 from server.report import TrainResult
 from server.secagg import SecureRound
-from server.strategy import Aggregator, build_strategy
+from server.strategy import build_strategy
 from tests.conftest import TINY_REVIEWS
+from tests.test_strategy import aggregator
 
 K = 4
 NODES = [101, 102, 103, 104]  # node ids; merchant i runs on NODES[i]
@@ -114,13 +115,13 @@ def one_round(cfg: FedshopConfig, die: dict[int, str] | None = None,
     """One SecAgg+ training round from the initial model: (aggregate or None, result, LocalGrid, global)."""
     flower_patches.apply()
     labels = D.prepare(cfg).labels
-    weights = exchange.extract(M.build_model(cfg.model, labels, cfg.seed))
+    weights = exchange.extract(M.build_model(cfg.model, labels, cfg.seed, cfg.finetune))
     local = LocalGrid(cfg)
     local.die = dict(die or {})
     grid = MerchantGrid(local, cfg.strategy.round_timeout, poll_interval=0.01)
-    aggregator = Aggregator(make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, K),
+    chain = aggregator(make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, K),
                             wire.spec(weights), private=cfg.privacy.name != "none")
-    secure = SecureRound(cfg, grid, aggregator)
+    secure = SecureRound(cfg, grid, chain)
     if workflow is not None:  # Flower's own workflow, for the canary test
         secure.workflow = workflow(**{k: getattr(secure.workflow, k) for k in WORKFLOW_ARGS})
     result = secure.run(1, wire.to_arrays(weights), ConfigRecord())
@@ -135,7 +136,7 @@ def trained_updates(cfg: FedshopConfig) -> tuple[dict[int, dict[str, np.ndarray]
     """Each merchant's own update and example count from a plain round (what SecAgg+ hides from the server)."""
     local = LocalGrid(cfg)
     labels = D.prepare(cfg).labels
-    weights = exchange.extract(M.build_model(cfg.model, labels, cfg.seed))
+    weights = exchange.extract(M.build_model(cfg.model, labels, cfg.seed, cfg.finetune))
     updates, sizes = {}, {}
     for i, node in enumerate(NODES):
         msg = Message(content=wire.Instruction(wire.to_arrays(weights), 1).to_content(), dst_node_id=node,

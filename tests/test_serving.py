@@ -108,7 +108,7 @@ def make_model(out: Path, seed: int) -> Path:
     from common.config import compose
 
     cfg = compose(["model=tiny"])
-    M.save_final(M.build_model(cfg.model, ["exact", "substitute", "complement", "irrelevant"], seed),
+    M.save_final(M.build_model(cfg.model, ["exact", "substitute", "complement", "irrelevant"], seed, cfg.finetune),
                  M.load_tokenizer(cfg.model), ["exact", "substitute", "complement", "irrelevant"], out)
     return out
 
@@ -309,7 +309,7 @@ def teacher(assets):
     cfg = compose(["model=tiny", *CATALOG_ARGS, "train.progress=false", "train.lr=1e-3", "train.num_threads=1"])
     fd = D.prepare(cfg)
     tokenizer = M.load_tokenizer(cfg.model)
-    model = M.build_model(cfg.model, fd.labels, 0)
+    model = M.build_model(cfg.model, fd.labels, 0, cfg.finetune)
     T.train(model, M.tokenize(datasets.concatenate_datasets(fd.train), tokenizer, 64), tokenizer, cfg.train, 2, 0)
     out = assets[0] / "teacher"
     M.save_final(model, tokenizer, fd.labels, out)

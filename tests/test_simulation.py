@@ -95,6 +95,32 @@ def test_secure_aggregation_simulation_matches_fedavg_and_reveals_no_update(fed_
     assert counts["train"] == 2 * 4 * 3  # rounds x stages x merchants
 
 
+def test_lora_with_float16_on_the_wire_sends_only_half_precision_adapters(fed_run, tmp_path):
+    """finetune=lora + strategy.wire_dtype=float16: only the adapters and the head travel, as float16 both ways;
+    the server keeps and checkpoints them in float32; the merged model and the peft adapter are written."""
+    from common import checkpoint as C
+
+    proc = run_cli("simulation", [*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2",
+                                  "finetune=lora", "strategy.wire_dtype=float16", "train.lr=5e-3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed" and results["finetune"] == "lora"
+    exchanged = C.load(run_dir / "checkpoints" / "round_2.pt")["weights"]
+    assert {str(v.dtype) for v in exchanged.values()} == {"float32"}
+    assert all(".lora_" in k or ".modules_to_save." in k for k in exchanged)
+    size = 2 * sum(v.size for v in exchanged.values())  # float16 bytes of the exchanged arrays
+    full = json.loads((fed_run[0] / "results.json").read_text())["rounds"][1]["replied"][0]["bytes_up"]
+    for r in results["rounds"][1:]:
+        assert all(size <= x["bytes_up"] <= size + 2000 and size <= x["bytes_down"] <= size + 2000
+                   for x in r["replied"])
+        assert all(x["bytes_up"] < full / 50 for x in r["replied"])
+    counts = assert_replies_carry_no_data(run_dir, wire_dtype="float16")
+    assert counts["train"] == 6
+    assert (run_dir / "model" / "config.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert results["rounds"][2]["server"]["loss"] < results["rounds"][0]["server"]["loss"]
+
+
 def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -108,7 +134,7 @@ def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
     run_dir, _ = fed_run
     cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2"])
     fd = D.prepare(cfg)
-    in_memory = M.build_model(cfg.model, fd.labels, cfg.seed)
+    in_memory = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
     exchange.load(in_memory, C.load(run_dir / "checkpoints" / "round_2.pt")["weights"])
     reloaded = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
     assert reloaded.config.id2label == dict(enumerate(fd.labels))

@@ -37,11 +37,18 @@ def sent(nodes: list[int], arrays: dict[str, np.ndarray], server_round: int = 1)
     return Sent(server_round, messages, record)
 
 
+def aggregator(strategy: Any, spec: wire.Spec, private: bool = False, min_replies: int = 1,
+               max_update_norm: float | None = None, wire_dtype: str = "float32") -> Aggregator:
+    """An Aggregator with the yaml's defaults spelled out (tests build it without a whole config)."""
+    return Aggregator(strategy, spec, private=private, min_replies=min_replies, max_update_norm=max_update_norm,
+                      wire_dtype=wire_dtype)
+
+
 def make_aggregator(name: str = "fedavg", reference: dict[str, np.ndarray] | None = None,
                     **kwargs: Any) -> tuple[Aggregator, dict[str, np.ndarray]]:
     reference = reference or {"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
     strategy = build_strategy(compose([f"strategy={name}"]).strategy)
-    return Aggregator(strategy, wire.spec(reference), private=False, **kwargs), reference
+    return aggregator(strategy, wire.spec(reference), **kwargs), reference
 
 
 THETA = [
