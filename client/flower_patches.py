@@ -28,13 +28,11 @@ import time
 import types
 from typing import Any
 
-import flwr
 import flwr.supercore.differential_privacy as flower_dp
 from flwr.supercore.inflatable import inflatable_utils
 
-from common import privacy_math
+from common import flower_version, privacy_math
 
-WRITTEN_FOR = "1.39."
 PULL_INITIAL_BACKOFF = 0.05
 PULL_BACKOFF_CAP = 0.1
 # The module (the package re-exports a function of the same name) whose mask generator is replaced.
@@ -49,10 +47,7 @@ FLOWER_PULL_DEFAULTS = [dict(fn.__kwdefaults__ or {}) for fn in PULLS]
 
 def require(patch: str) -> None:
     """Refuse to patch a Flower release the patch was not written for."""
-    if not flwr.__version__.startswith(WRITTEN_FOR):
-        raise RuntimeError(f"fedshop's Flower patch '{patch}' was written for flwr {WRITTEN_FOR}x, but flwr "
-                           f"{flwr.__version__} is installed: check whether it is still needed (its canary test in "
-                           f"tests/test_flower_patches.py says) and update client/flower_patches.py")
+    flower_version.require(patch, "client/flower_patches.py")
 
 
 def apply_clientapp() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flwr
 import flwr.serverapp.strategy.dp_adaptive_clipping as flower_adaptive
 import flwr.supercore.differential_privacy as flower_dp
 import numpy as np
@@ -33,9 +32,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam
 
-from common import privacy_math
-
-WRITTEN_FOR = "1.39."
+from common import flower_version, privacy_math
 
 # Flower's originals, kept for the canary tests (captured, not changed, on import).
 FLOWER_CLIP = flower_dp.clip_inputs_inplace
@@ -45,10 +42,7 @@ FLOWER_WORKFLOW_MASKS = flower_workflow.pseudo_rand_gen
 
 def require(patch: str) -> None:
     """Refuse to patch a Flower release the patch was not written for."""
-    if not flwr.__version__.startswith(WRITTEN_FOR):
-        raise RuntimeError(f"fedshop's Flower patch '{patch}' was written for flwr {WRITTEN_FOR}x, but flwr "
-                           f"{flwr.__version__} is installed: check whether it is still needed (its canary test in "
-                           f"tests/test_flower_patches.py says) and update server/flower_patches.py")
+    flower_version.require(patch, "server/flower_patches.py")
 
 
 def apply() -> None:

@@ -281,10 +281,12 @@ def test_malformed_shard_fails_fast_while_others_finish(deployment, tmp_path):
 
 
 @pytest.mark.slow
-def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shards):
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shards, finetune):
     from common import checkpoint as C
 
-    straight = Deployment(tmp_path / "straight", shards, ["deploy.insecure=true", "strategy.num_rounds=3"])
+    run = ["deploy.insecure=true", "strategy.num_rounds=3", f"finetune={finetune}"]
+    straight = Deployment(tmp_path / "straight", shards, run)
     (tmp_path / "straight").mkdir()
     try:
         straight.start_server()
@@ -294,7 +296,7 @@ def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shard
     finally:
         straight.close()
     (tmp_path / "crash").mkdir()
-    d = Deployment(tmp_path / "crash", shards, ["deploy.insecure=true", "strategy.num_rounds=3"])
+    d = Deployment(tmp_path / "crash", shards, run)
     try:
         d.start_server()
         for i in range(3):

@@ -15,7 +15,7 @@ from common.errors import FedshopError
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = compose(["model=tiny"])
+    cfg = compose(["model=tiny", "finetune=full"])
     return cfg, M.build_model(cfg.model, ["a", "b", "c"], seed=1, finetune=cfg.finetune)
 
 
@@ -56,7 +56,7 @@ def test_set_weights_rejects_wrong_shapes(tiny):
 
 
 def test_same_seed_same_init():
-    cfg = compose(["model=tiny"])
+    cfg = compose(["model=tiny", "finetune=full"])
     a = exchange.extract(M.build_model(cfg.model, ["x", "y"], seed=5, finetune=cfg.finetune))
     b = exchange.extract(M.build_model(cfg.model, ["x", "y"], seed=5, finetune=cfg.finetune))
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -146,7 +146,16 @@ def test_lora_final_model_is_a_plain_merged_directory_and_a_peft_adapter(lora, t
         plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
         assert not isinstance(plain, PeftModel)
         torch.testing.assert_close(plain(**enc).logits, expected, atol=1e-5, rtol=0)
-        base = M.build_model(cfg.model, ["a", "b", "c"], seed=3, finetune=compose(["model=tiny"]).finetune)
+        full = compose(["model=tiny", "finetune=full"]).finetune
+        base = M.build_model(cfg.model, ["a", "b", "c"], seed=3, finetune=full)
         adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         torch.testing.assert_close(adapted(**enc).logits, model(**enc).logits, atol=1e-5, rtol=0)
     assert (tmp_path / "model" / "fedshop_labels.json").is_file()
+    from serving.ranker import Ranker  # the ranking service takes the merged directory as it is
+
+    ranker = Ranker(tmp_path / "model", gains={"a": 1.0, "b": 0.1, "c": 0.0})
+    probs = ranker.probabilities("a grey sofa", ["grey couch"])
+    single = tokenizer(["a grey sofa"], ["grey couch"], return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(probs[0], torch.softmax(M.merged(model)(**single).logits, -1)[0].numpy(),
+                                   atol=1e-5)

@@ -106,3 +106,22 @@ def test_one_attacker_among_five_degrades_fedavg_not_the_robust_options(round_up
         robust = evaluate(aggregate(recording(name, start), attacked, sizes))
         assert robust["loss"] < clean["loss"] + 0.15, (name, robust, clean)
         assert robust["loss"] < initial["loss"], name
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", *ROBUST])
+def test_every_strategy_aggregates_only_the_lora_state(name):
+    """With LoRA the replies carry only adapters and head; every strategy aggregates exactly those, and a reply
+    that also carries a frozen base weight is rejected."""
+    from common import model as M
+
+    cfg = compose(["model=tiny", "finetune=lora"])
+    lora = exchange.extract(M.build_model(cfg.model, ["a", "b", "c"], 0, cfg.finetune))
+    rng = np.random.default_rng(1)
+    updates = [{k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in lora.items()}
+               for _ in range(5)]
+    chain = recording(name, lora)
+    chain[0].strategy.current_arrays = {k: v.copy() for k, v in lora.items()}  # type: ignore[attr-defined]
+    extra = {**updates[0], "base_model.model.bert.pooler.original_module.dense.bias": np.zeros(128, np.float32)}
+    result = aggregate_result(chain, [*updates, extra], [10, 20, 30, 40, 50, 60])
+    assert result.arrays is not None and set(result.arrays) == set(lora)
+    assert [d.node for d in result.report.dropped] == [6] and "not exchanged" in result.report.dropped[0].reason

@@ -107,7 +107,7 @@ def make_model(out: Path, seed: int) -> Path:
     from common import model as M
     from common.config import compose
 
-    cfg = compose(["model=tiny"])
+    cfg = compose(["model=tiny", "finetune=full"])
     M.save_final(M.build_model(cfg.model, ["exact", "substitute", "complement", "irrelevant"], seed, cfg.finetune),
                  M.load_tokenizer(cfg.model), ["exact", "substitute", "complement", "irrelevant"], out)
     return out
@@ -306,7 +306,8 @@ def teacher(assets):
     from common import train as T
     from common.config import compose
 
-    cfg = compose(["model=tiny", *CATALOG_ARGS, "train.progress=false", "train.lr=1e-3", "train.num_threads=1"])
+    cfg = compose(["model=tiny", "finetune=full", *CATALOG_ARGS, "train.progress=false", "train.lr=1e-3",
+                   "train.num_threads=1"])
     fd = D.prepare(cfg)
     tokenizer = M.load_tokenizer(cfg.model)
     model = M.build_model(cfg.model, fd.labels, 0, cfg.finetune)

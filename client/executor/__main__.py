@@ -39,7 +39,8 @@ log = logging.getLogger("fedshop.executor")
 # come from the FAB). A module that is not installed is skipped.
 PRELOAD = ["numpy", "torch", "torch.utils.data", "tokenizers", "transformers", "transformers.models.auto",
            "transformers.models.bert.modeling_bert", "transformers.models.bert.tokenization_bert",
-           "datasets", "omegaconf", "flwr_datasets", "flwr_datasets.partitioner", "tqdm", "flwr.app",
+           "datasets", "omegaconf", "hydra", "peft", "peft.tuners.lora", "peft.mapping_func", "flwr_datasets",
+           "flwr_datasets.partitioner", "tqdm", "flwr.app",
            "flwr.clientapp", "flwr.supernode.runtime.run_clientapp", "client.executor.task"]
 
 
