@@ -57,9 +57,8 @@ class Federation:
         self.gains = D.label_gains(cfg.data, self.labels)
         self.base_fingerprint = exchange.fingerprint(self.model)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval,
+        self.grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval, self.base_fingerprint,
                                  run_dir / "messages.jsonl" if cfg.deploy.audit_messages else None)
-        self.grid.base_fingerprint = self.base_fingerprint
         self.ckpt_dir = run_dir / "checkpoints"
         self.last = C.latest(self.ckpt_dir)
         self.payload = C.load(self.last, self.cfg_json) if self.last is not None else None

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class MerchantGrid(Grid):
     """Delegates to a Flower Grid; get_node_ids() is ordered by merchant index."""
 
-    def __init__(self, inner: Grid, timeout: float, poll_interval: float = 0.2, audit: Path | None = None) -> None:
+    def __init__(self, inner: Grid, timeout: float, poll_interval: float, base_fingerprint: str,
+                 audit: Path | None = None) -> None:
         self.inner = inner
         self.timeout = timeout
         self.poll_interval = poll_interval
@@ -34,7 +35,7 @@ class MerchantGrid(Grid):
         self.index: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.sizes: dict[int, int] = {}  # training examples per node, as the node reported them
-        self.base_fingerprint = ""  # asked of every node with its identity (common/exchange.py)
+        self.base_fingerprint = base_fingerprint  # asked of every node with its identity (common/exchange.py)
         self.refused: dict[int, str] = {}  # nodes that hold another frozen base: why
         # Called with (sent, replies, seconds) after every send_and_receive (SecAgg+ counts its stages so).
         self.tap: Callable[[list[Message], list[Message], float], None] | None = None

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common import bytes_to_ndarray
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_masks
 from flwr.serverapp import Grid
@@ -92,12 +93,18 @@ class LocalGrid(Grid):
         for i in [i for i in message_ids if i in self.queue]:
             msg = self.queue.pop(i)
             node = msg.metadata.dst_node_id
-            reply = self.app(msg, self.contexts[node])
+            try:
+                reply = self.app(msg, self.contexts[node])
+            except Exception as exc:  # noqa: BLE001 - as Flower does: a failed ClientApp answers with an error
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
+                reply = Message(error, reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+            if reply.has_error():
+                continue
             out = reply.content.config_records.get(RECORD_KEY_CONFIGS)
             if out is not None and Key.MASKED_PARAMETERS in out:
                 self.uploads[node] = list(out[Key.MASKED_PARAMETERS])  # type: ignore[arg-type]
-            replies.append(reply)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -115,10 +122,11 @@ def one_round(cfg: FedshopConfig, die: dict[int, str] | None = None,
     """One SecAgg+ training round from the initial model: (aggregate or None, result, LocalGrid, global)."""
     flower_patches.apply()
     labels = D.prepare(cfg).labels
-    weights = exchange.extract(M.build_model(cfg.model, labels, cfg.seed, cfg.finetune))
+    model = M.build_model(cfg.model, labels, cfg.seed, cfg.finetune)
+    weights = exchange.extract(model)
     local = LocalGrid(cfg)
     local.die = dict(die or {})
-    grid = MerchantGrid(local, cfg.strategy.round_timeout, poll_interval=0.01)
+    grid = MerchantGrid(local, cfg.strategy.round_timeout, 0.01, exchange.fingerprint(model))
     chain = aggregator(make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, K),
                             wire.spec(weights), private=cfg.privacy.name != "none")
     secure = SecureRound(cfg, grid, chain)
@@ -314,3 +322,14 @@ def test_secagg_refuses_what_needs_single_updates():
                        (["secagg.modulus_range=1000"], "secagg.modulus_range")):
         with pytest.raises(FedshopError, match=f"config {field}="):
             config(*bad)
+
+
+def test_merchants_refuse_a_server_with_another_base():
+    """A merchant whose frozen base hashes differently refuses the server's query, naming both fingerprints;
+    the grid records the refusal (server/federation.py then stops the run)."""
+    cfg = config("secagg=none", "finetune=lora")
+    grid = MerchantGrid(LocalGrid(cfg), 1.0, 0.01, "0123456789abcdef")
+    assert list(grid.get_node_ids()) and grid.index == {}
+    assert set(grid.refused) == set(NODES)
+    reason = grid.refused[NODES[0]]
+    assert "merchant_00: base model fingerprint " in reason and "differs from the server's 0123456789abcdef" in reason
