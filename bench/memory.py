@@ -1,7 +1,7 @@
 """Peak RSS (the launcher and every process it starts, Ray included) of a simulation with K merchants.
 
 Tiny model, IID shards of the same data for every K, 10 merchants sampled per round, 2 rounds.
-Usage: python bench/memory.py [--ks 10 100 1000]
+Usage: python bench/memory.py [--ks 10 100 1000 10000]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from _util import run_simulation, table, write
 def main() -> None:
     """Run one simulation per K and report peak RSS and wall time."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ks", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--ks", type=int, nargs="+", default=[10, 100, 1000, 10000])
     ap.add_argument("--sampled", type=int, default=10)
     a = ap.parse_args()
     rows = []

@@ -179,6 +179,8 @@ class SimulationConfig:
     attackers: list[int] = field(default_factory=list)
     attack: str = MISSING
     attack_scale: float = MISSING
+    ray_address: str | None = None
+    dashboard: bool = MISSING
 
 
 @dataclass

@@ -24,7 +24,7 @@ from common.config import FedshopConfig, training_json
 from common.errors import FedshopError
 from common.results import RunLog
 from server import flower_patches
-from server.grid import MerchantGrid
+from server.grid import MerchantGrid, Roster
 from server.privacy import make_private
 from server.report import EvaluateResult, TrainReport, TrainResult, evaluation_json, round_json
 from server.secagg import SecureRound
@@ -46,7 +46,7 @@ def connected_merchants(grid: Grid, cfg: FedshopConfig) -> int:
 class Federation:
     """One federated run on a Flower Grid: the global model, its strategy chain, checkpoints and results."""
 
-    def __init__(self, grid: Grid, cfg: FedshopConfig, run_dir: Path) -> None:
+    def __init__(self, grid: Grid, cfg: FedshopConfig, run_dir: Path, roster: Roster | None = None) -> None:
         self.cfg, self.run_dir, self.cfg_json = cfg, run_dir, training_json(cfg)
         T.set_seed(cfg.seed)
         T.configure_threads(cfg.train)
@@ -58,7 +58,7 @@ class Federation:
         self.base_fingerprint = exchange.fingerprint(self.model)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval, self.base_fingerprint,
-                                 run_dir / "messages.jsonl" if cfg.deploy.audit_messages else None)
+                                 run_dir / "messages.jsonl" if cfg.deploy.audit_messages else None, roster)
         self.ckpt_dir = run_dir / "checkpoints"
         self.last = C.latest(self.ckpt_dir)
         self.payload = C.load(self.last, self.cfg_json) if self.last is not None else None
@@ -194,7 +194,7 @@ class Federation:
         return dict(final)
 
 
-def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
+def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path, roster: Roster | None = None) -> dict[str, Any]:
     """Run (or resume) a federation on `grid` (Flower's patches applied first); the final server metrics."""
     flower_patches.apply()
-    return Federation(grid, cfg, run_dir).run()
+    return Federation(grid, cfg, run_dir, roster).run()

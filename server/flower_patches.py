@@ -15,12 +15,16 @@ server/federation.py); importing this module changes nothing.
    noises the mean with the next round's clipping norm instead of the one the updates were clipped to.
 5. fedadam_state / load_fedadam_state: FedAdam's moments (`m_t`, `v_t`) are not part of any Flower API, but a
    resume must restore them.
+6. record_simulated_nodes: in a simulation the ServerApp cannot see which partition (merchant) each node id
+   stands for, so it would have to ask every node with a message: 10,000 messages before round 1 with
+   10,000 virtual merchants. The simulation engine's node registration is wrapped to keep its mapping.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import flwr.server.superlink.fleet.vce.vce_api as flower_vce
 import flwr.serverapp.strategy.dp_adaptive_clipping as flower_adaptive
 import flwr.supercore.differential_privacy as flower_dp
 import numpy as np
@@ -38,6 +42,7 @@ from common import flower_version, privacy_math
 FLOWER_CLIP = flower_dp.clip_inputs_inplace
 FLOWER_ADAPTIVE_CLIP = flower_dp.adaptive_clip_inputs_inplace
 FLOWER_WORKFLOW_MASKS = flower_workflow.pseudo_rand_gen
+FLOWER_REGISTER_NODES = flower_vce._register_nodes
 
 
 def require(patch: str) -> None:
@@ -54,6 +59,21 @@ def apply() -> None:
         module.adaptive_clip_inputs_inplace = privacy_math.adaptive_clip_inputs_inplace  # type: ignore[attr-defined]
     require("whole_secret_masks")
     flower_workflow.pseudo_rand_gen = privacy_math.mask
+
+
+def record_simulated_nodes() -> dict[int, int]:
+    """Patch 6, for a simulation in this process: the live node id -> partition id mapping of Flower's
+    simulation engine, filled when it registers its nodes."""
+    require("record_simulated_nodes")
+    nodes: dict[int, int] = {}
+
+    def register(num_nodes: int, state_factory: Any) -> dict[int, int]:
+        mapping: dict[int, int] = FLOWER_REGISTER_NODES(num_nodes, state_factory)
+        nodes.update(mapping)
+        return mapping
+
+    flower_vce._register_nodes = register
+    return nodes
 
 
 class SecAggPlusWorkflow(FlowerSecAggPlusWorkflow):

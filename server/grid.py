@@ -3,6 +3,7 @@
 Flower gives nodes random ids, so `random.sample(grid.get_node_ids(), k)` picks different merchants
 on every run even with the same seed. This wrapper asks every new node once for its merchant index
 (a `query` message) and lists nodes in merchant order: the same seed then samples the same merchants.
+In a simulation the launcher knows every merchant already (a Roster): no node is asked.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,24 @@ from common import wire
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Roster:
+    """A simulation's merchants as its launcher knows them: node id -> partition (filled by Flower's engine as
+    it registers nodes, server/flower_patches.py), and each partition's name and training examples."""
+
+    nodes: dict[int, int]
+    names: list[str]
+    sizes: list[int]
+    wait: float = 10.0  # seconds a node may take to appear in `nodes` before it is asked instead
+
+
 class MerchantGrid(Grid):
     """Delegates to a Flower Grid; get_node_ids() is ordered by merchant index."""
 
     def __init__(self, inner: Grid, timeout: float, poll_interval: float, base_fingerprint: str,
-                 audit: Path | None = None) -> None:
+                 audit: Path | None = None, roster: Roster | None = None) -> None:
         self.inner = inner
+        self.roster = roster
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.audit = audit
@@ -89,7 +103,7 @@ class MerchantGrid(Grid):
 
     def identify(self, node_ids: list[int]) -> None:
         """Ask nodes not seen before for their merchant index; nodes that do not answer stay unknown."""
-        unknown = [n for n in node_ids if n not in self.index]
+        unknown = self._from_roster([n for n in node_ids if n not in self.index])
         if not unknown:
             return
         asks = [Message(content=wire.query_content(self.base_fingerprint), message_type=wire.QUERY, dst_node_id=n)
@@ -107,6 +121,19 @@ class MerchantGrid(Grid):
                 continue
             self.index[node], self.names[node], self.sizes[node] = (who.merchant_index, who.merchant_name,
                                                                     who.num_examples)
+
+    def _from_roster(self, nodes: list[int]) -> list[int]:
+        """Identify nodes the roster knows (the same run config built them: same base); the rest."""
+        if self.roster is None or not nodes:
+            return nodes
+        deadline = time.time() + self.roster.wait
+        while any(n not in self.roster.nodes for n in nodes) and time.time() < deadline:
+            time.sleep(0.05)  # Flower's engine has created the nodes but not yet returned their mapping
+        roster = self.roster
+        for node in (n for n in nodes if n in roster.nodes):
+            part = roster.nodes[node]
+            self.index[node], self.names[node], self.sizes[node] = part, roster.names[part], roster.sizes[part]
+        return [n for n in nodes if n not in self.index]
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected node ids, in merchant order (unidentified nodes last, by id)."""

@@ -10,10 +10,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import FedshopConfig, from_run_config
 from server.federation import run_federated
+from server.grid import Roster
 
 
-def build_server_app(fixed_cfg: FedshopConfig | None = None, run_dir: Path | None = None) -> ServerApp:
-    """A ServerApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run."""
+def build_server_app(fixed_cfg: FedshopConfig | None = None, run_dir: Path | None = None,
+                     roster: Roster | None = None) -> ServerApp:
+    """A ServerApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run; with a
+    roster (a simulation's launcher) it knows its merchants without asking them."""
     app = ServerApp()
 
     @app.main()
@@ -26,7 +29,7 @@ def build_server_app(fixed_cfg: FedshopConfig | None = None, run_dir: Path | Non
                 logging.getLogger(name).addHandler(handler)
         cfg = fixed_cfg or from_run_config(dict(context.run_config))
         out = run_dir or Path(str(context.run_config.get("run-dir") or f"outputs/flwr-run-{context.run_id}"))
-        run_federated(grid, cfg, out.resolve())
+        run_federated(grid, cfg, out.resolve(), roster)
 
     return app
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from common.config import FedshopConfig  # noqa: E402
 from common.errors import FedshopError  # noqa: E402
 
 log = logging.getLogger("fedshop")
@@ -32,8 +33,10 @@ def run(cfg_raw: DictConfig, run_dir: Path) -> dict[str, float]:
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     fd = D.prepare(cfg)
     M.resolve_path(cfg.model)
-    log.info("%s: %d merchants (%s train examples), %d test examples, labels %s", cfg.mode, len(fd.names),
-             "/".join(str(len(t)) for t in fd.train), len(fd.test), fd.labels)
+    sizes = fd.shards.sizes()  # every shard split once: an empty one stops the run here
+    shown = "/".join(map(str, sizes)) if len(sizes) <= 20 else f"{min(sizes)}-{max(sizes)}, {sum(sizes)} in all"
+    log.info("%s: %d merchants (%s train examples), %d test examples, labels %s", cfg.mode, len(fd.names), shown,
+             len(fd.test), fd.labels)
     if cfg.mode == "centralized":
         from simulation.baselines import run_centralized
 
@@ -43,29 +46,38 @@ def run(cfg_raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
         final = run_alone(cfg, run_dir)
     else:
-        import torch
-        from flwr.simulation import run_simulation
+        from simulation.ray_runtime import lock_down
 
-        from client.client_app import build_client_app
-        from server.server_app import build_server_app
-
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-        gpus = torch.cuda.device_count()
-        run_simulation(
-            server_app=build_server_app(cfg, run_dir), client_app=build_client_app(cfg),
-            num_supernodes=cfg.simulation.num_merchants,
-            backend_config={
-                "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": cfg.simulation.client_gpus},
-                "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": gpus, "_node_ip_address": "127.0.0.1",
-                              "include_dashboard": False, "logging_level": "ERROR"},
-            })
-        import json
-
+        lock_down(cfg.simulation)  # before anything imports Ray
+        _federate(cfg, run_dir, fd.names, sizes)
         final = json.loads((run_dir / "results.json").read_text())["final"]
     log.info("final test metrics: %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k != wire.NUM_EXAMPLES))
     log.info("run directory: %s", run_dir)
     return final
+
+
+def _federate(cfg: FedshopConfig, run_dir: Path, names: list[str], sizes: list[int]) -> None:
+    """K virtual merchants in Flower's simulation engine, on the Ray that simulation.ray_address says; the
+    server knows them from `names` and `sizes` (by partition) rather than by asking every node."""
+    import torch
+    from flwr.simulation import run_simulation
+
+    from client.client_app import build_client_app
+    from server.flower_patches import record_simulated_nodes
+    from server.grid import Roster
+    from server.server_app import build_server_app
+    from simulation.ray_runtime import started
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    with started(cfg.simulation, torch.cuda.device_count()) as ray_line:
+        log.info("%s", ray_line)
+        # Flower's RayBackend uses the initialised Ray as it is (its init_args would only apply to a Ray of its own)
+        roster = Roster(record_simulated_nodes(), names, sizes)
+        run_simulation(server_app=build_server_app(cfg, run_dir, roster), client_app=build_client_app(cfg),
+                       num_supernodes=cfg.simulation.num_merchants,
+                       backend_config={"client_resources": {"num_cpus": cfg.simulation.client_cpus,
+                                                            "num_gpus": cfg.simulation.client_gpus}})
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

@@ -82,7 +82,7 @@ def assert_replies_carry_no_data(run_dir: Path, wire_dtype: str = "float32") -> 
             assert msg["type"] == "query" and msg["arrays"] == {}
             assert set(msg["configs"]) == {"info"} and set(msg["configs"]["info"]) == {"merchant-name"}
             assert not names or msg["configs"]["info"]["merchant-name"] in names
-    assert counts.get("train", 0) > 0 and counts.get("query", 0) > 0, counts
+    assert counts.get("train", 0) > 0, counts
     return counts
 
 

@@ -128,6 +128,18 @@ def test_non_utf8_names_line(tmp_path):
         D.prepare(csv_cfg(path))
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
+def test_utf8_check_reads_in_chunks_and_still_names_the_line(tmp_path, chunk):
+    """The check streams the file: a character cut by a chunk boundary is fine, a bad byte is found at its line."""
+    good = tmp_path / "good.csv"
+    good.write_bytes(b"text\n" + "sofá é€𝄞\n".encode() * 4)
+    D._check_utf8(good, chunk)
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes("é\n€\n".encode() + b"ok\nx\xe9y\n")
+    with pytest.raises(FedshopError, match=r"bad.csv line 4: text is not valid UTF-8 \(byte 0xe9 at offset 11\)"):
+        D._check_utf8(bad, chunk)
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "shop.jsonl"
     path.write_text("")

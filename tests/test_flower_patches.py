@@ -140,9 +140,25 @@ def test_canary_superexec_still_builds_its_executor_with_get_executor():
     assert "get_executor(" in inspect.getsource(run_superexec.run_superexec)
 
 
+def test_canary_the_simulation_engine_still_keeps_node_partitions_to_itself(monkeypatch):
+    """record_simulated_nodes: Flower's engine maps node ids to partitions in vce_api._register_nodes, called
+    through the module (so the wrapper sees it), and nothing in the ServerApp's Grid API carries a partition."""
+    import flwr.server.superlink.fleet.vce.vce_api as vce
+    from flwr.serverapp import Grid
+
+    assert "_register_nodes(" in inspect.getsource(vce.start_vce)
+    assert not [m for m in dir(Grid) if "partition" in m.lower()]
+    monkeypatch.setattr(vce, "_register_nodes", server_patches.FLOWER_REGISTER_NODES)
+    nodes = server_patches.record_simulated_nodes()
+    state = vce.LinkStateFactory(vce.FLWR_IN_MEMORY_DB_NAME, vce.NoOpFederationManager(), vce.ObjectStoreFactory())
+    mapping = vce._register_nodes(num_nodes=4, state_factory=state)
+    assert nodes == mapping and sorted(mapping.values()) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("apply", [server_patches.apply, client_patches.apply_clientapp, client_patches.apply_task,
                                    lambda: client_patches.apply_supernode(0.2),
-                                   lambda: client_patches.use_executor(object())])
+                                   lambda: client_patches.use_executor(object()),
+                                   server_patches.record_simulated_nodes])
 def test_patches_refuse_another_flower_release(apply, monkeypatch):
     import flwr
 
