@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ def lock_down(sim: SimulationConfig) -> None:
     user set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH). Joining a cluster changes nothing: its owner chose."""
     if sim.ray_address:
         return
-    if "ray" in sys.modules and os.environ.get("RAY_AUTH_MODE") != "token":
+    if "ray" in sys.modules and any(os.environ.get(k) != v for k, v in LOCKED.items()):
         raise RuntimeError("simulation.ray_runtime.lock_down must run before `ray` is imported (Ray reads "
                            "RAY_AUTH_MODE once, at import)")
     os.environ.update(LOCKED)
@@ -80,10 +81,23 @@ def _join(address: str, runtime_env: dict[str, dict[str, str]]) -> None:
     if os.environ.get("RAY_AUTH_MODE") != "token":
         log.warning("simulation.ray_address=%s: joined without token authentication (RAY_AUTH_MODE is not 'token'); "
                     "a Ray cluster that anyone on its network can reach runs anyone's code (CVE-2023-48022)", address)
+    _reachable(address)
     try:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.ERROR)
-    except ray.exceptions.AuthenticationError as exc:
-        raise FedshopError(f"simulation.ray_address={address}: the cluster refused this driver's token; set "
-                           f"RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)") from exc
-    except ConnectionError as exc:
-        raise FedshopError(f"simulation.ray_address={address}: no Ray cluster there ({exc})") from exc
+    except (ray.exceptions.AuthenticationError, ConnectionError) as exc:
+        # Ray 2.55 reports a wrong token as a ConnectionError after ~20 s of retries, like an absent cluster.
+        raise FedshopError(f"simulation.ray_address={address}: could not join the Ray cluster ({exc}); is it "
+                           f"running there, and does this driver have its token (RAY_AUTH_MODE=token and "
+                           f"RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)?") from exc
+
+
+def _reachable(address: str) -> None:
+    """Fail at once when nothing listens at host:port (ray.init would retry for minutes); "auto" is Ray's."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise FedshopError(f"simulation.ray_address={address}: no Ray cluster listens there ({exc}); start one "
+                           f"with `ray start --head --port={port}` or fix the address") from exc

@@ -217,6 +217,12 @@ def test_a_simulation_joins_a_two_node_ray_cluster_and_leaves_it_running(tmp_pat
         check = f"import ray; ray.init(address='127.0.0.1:{port}'); print(sum(n['Alive'] for n in ray.nodes()))"
         alive = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
         assert alive.stdout.strip().splitlines()[-1] == "2", alive.stderr[-2000:]
+        # A driver with another token is refused (after Ray's retries) with what to set.
+        wrong = subprocess.run([sys.executable, "-m", "simulation", *TINY_REVIEWS, "simulation.num_merchants=4",
+                                f"simulation.ray_address=127.0.0.1:{port}"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=300, env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+        assert wrong.returncode == 2 and "could not join the Ray cluster" in wrong.stderr, wrong.stderr[-2000:]
+        assert "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH" in wrong.stderr
     finally:
         started = cluster_processes(temp_dir)  # end only the cluster this test started, by PID
         for proc in [*started, *(c for p in started for c in p.children(recursive=True))]:
@@ -224,3 +230,14 @@ def test_a_simulation_joins_a_two_node_ray_cluster_and_leaves_it_running(tmp_pat
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_joining_no_cluster_stops_the_run_at_once(tmp_path):
+    """simulation.ray_address where nothing listens: exit status 2 and one line saying so, not Ray's retries."""
+    from tests.conftest import run_cli
+
+    address = f"127.0.0.1:{free_port()}"
+    proc = run_cli("simulation", [*TINY_REVIEWS, "simulation.num_merchants=2", f"simulation.ray_address={address}"],
+                   tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"fedshop: error: simulation.ray_address={address}: no Ray cluster listens there" in proc.stderr
