@@ -61,8 +61,9 @@ def started(sim: SimulationConfig, num_gpus: int) -> Iterator[str]:
     if sim.ray_address:
         _join(sim.ray_address, runtime_env)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        what = (f"joined Ray cluster {sim.ray_address}: {len(nodes)} nodes, "
-                f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+        res = ray.cluster_resources()
+        what = (f"joined Ray cluster {sim.ray_address}: {len(nodes)} nodes, {res.get('CPU', 0):g} CPUs, "
+                f"{res.get('GPU', 0):g} GPUs")
     else:
         info = ray.init(num_cpus=os.cpu_count() or 1, num_gpus=num_gpus, include_dashboard=sim.dashboard,
                         dashboard_host="127.0.0.1", runtime_env=runtime_env, logging_level=logging.ERROR)
