@@ -111,8 +111,8 @@ def load_merchant(cfg: FedshopConfig, node_config: dict[str, Any]) -> Merchant:
             model = M.build_model(cfg.model, labels, cfg.seed, cfg.finetune)
             _MODELS[model_key] = (model, M.load_tokenizer(cfg.model), exchange.fingerprint(model))
         tokenizer = _MODELS[model_key][1]
-        _SHARDS[key] = _Shard(index, name, M.tokenize(train, tokenizer, cfg.train.max_length),
-                              M.tokenize(val, tokenizer, cfg.train.max_length), labels)
+        _SHARDS[key] = _Shard(index, name, M.tokenize(train, tokenizer, cfg.train.max_length, cfg.data.num_proc),
+                              M.tokenize(val, tokenizer, cfg.train.max_length, cfg.data.num_proc), labels)
         while len(_SHARDS) > MAX_CACHED_SHARDS:
             _SHARDS.popitem(last=False)
     shard = _SHARDS[key]

@@ -57,6 +57,8 @@ class DataConfig:
     test_fraction: float = MISSING
     val_fraction: float = MISSING
     max_text_chars: int = MISSING
+    cache_dir: str | None = None  # where a file's Arrow cache goes (conf/data/*.yaml say what null means)
+    num_proc: int = MISSING
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -324,6 +326,7 @@ def _validate_data(cfg: FedshopConfig) -> None:
     _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a fraction in (0, 1)")
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a fraction in [0, 1)")
     _check(d.max_text_chars > 0, "data.max_text_chars", d.max_text_chars, "> 0")
+    _check(d.num_proc >= 1, "data.num_proc", d.num_proc, ">= 1")
     _check(d.task != "relevance" or bool(d.columns.text_pair), "data.columns.text_pair", d.columns.text_pair,
            "a column name for task=relevance")
     p = cfg.partition

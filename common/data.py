@@ -13,9 +13,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import overload
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from common import synthetic
@@ -27,6 +30,7 @@ datasets.disable_progress_bars()
 
 FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 SYNTHETIC = "synthetic marketplace"
+ROWS_PER_BATCH = 10_000  # rows validated at a time: memory follows the batch, not the file
 
 
 class Shards:
@@ -142,8 +146,10 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             offset, line = offset + len(buf), line + buf.count(b"\n")
 
 
-def read_file(path: str | Path, fmt: str = "auto", field: str = "data.path") -> datasets.Dataset:
-    """Read a CSV, JSON Lines or Parquet file through `datasets`, with clear errors naming the config `field`."""
+def read_file(path: str | Path, fmt: str = "auto", field: str = "data.path",
+              cache_dir: str | None = None) -> datasets.Dataset:
+    """Read a CSV, JSON Lines or Parquet file through `datasets` into its memory-mapped Arrow cache (cache_dir,
+    else HF_DATASETS_CACHE), with clear errors naming the config `field`."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FedshopError(f"data file {p}: not found ({field})")
@@ -155,7 +161,7 @@ def read_file(path: str | Path, fmt: str = "auto", field: str = "data.path") -> 
     if fmt in {"csv", "json"}:
         _check_utf8(p)
     try:
-        ds = datasets.load_dataset(fmt, data_files=str(p), split="train", keep_in_memory=True)
+        ds = datasets.load_dataset(fmt, data_files=str(p), split="train", cache_dir=cache_dir)
     except Exception as exc:  # noqa: BLE001 - any parser failure becomes one clear message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise FedshopError(f"data file {p}: could not be read as {fmt}: {first}") from exc
@@ -174,16 +180,106 @@ def load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, str]:
         rows = gen(s.num_merchants, size, seed, s.concentration, s.label_noise)
         return datasets.Dataset.from_list(rows), SYNTHETIC
     assert cfg.path is not None
-    return read_file(cfg.path, cfg.format), f"data file {Path(cfg.path).expanduser()}"
+    return read_file(cfg.path, cfg.format, cache_dir=cfg.cache_dir), f"data file {Path(cfg.path).expanduser()}"
 
 
-def column(ds: datasets.Dataset, name: str) -> list[Any]:
-    """One column as a list, through Arrow: iterating `ds[name]` (datasets 4) formats row by row, 12x slower."""
-    return list(ds.with_format("arrow")[name].to_pylist())
+def _strings(values: pa.ChunkedArray) -> pa.Array:
+    """A column as strings, written as str() writes them; missing values stay null."""
+    arr = values.combine_chunks()
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return arr
+    return pa.array([None if v is None else str(v) for v in arr.to_pylist()], pa.string())
+
+
+def _first(mask: pa.Array) -> int | None:
+    """Position of the first true value of a boolean array, or None."""
+    hits = pc.indices_nonzero(pc.fill_null(mask, False))
+    return hits[0].as_py() if len(hits) else None
+
+
+def _label_names(ds: datasets.Dataset, col: str) -> list[str]:
+    """The labels a column holds (trimmed, sorted), read ROWS_PER_BATCH rows at a time."""
+    seen: set[str] = set()
+    for batch in ds.with_format("arrow").iter(ROWS_PER_BATCH):
+        seen.update(v for v in pc.unique(pc.utf8_trim_whitespace(_strings(batch[col]))).to_pylist() if v)
+    return sorted(seen)
+
+
+class _Normalizer:
+    """Validates one batch of raw rows (a pyarrow Table) and maps it to the standard columns; counts truncations."""
+
+    def __init__(self, cfg: DataConfig, source: str, labels: list[str]) -> None:
+        self.cfg, self.source, self.labels = cfg, source, pa.array(labels, pa.string())
+        self.truncated: dict[str, tuple[int, int]] = {}  # column -> (texts truncated, first row, 1-based)
+
+    def __call__(self, batch: pa.Table, rows: list[int]) -> pa.Table:
+        cols = self.cfg.columns
+        text = self._text(batch, rows, "text")
+        pair = self._text(batch, rows, "text_pair") if cols.text_pair else None
+        out = {"text": text, "label": self._label(batch, rows), "merchant": self._merchant(batch, rows),
+               "query_id": self._query_id(batch, text, pair)}
+        if pair is not None:
+            out["text_pair"] = pair
+        return pa.table(out)
+
+    def _text(self, batch: pa.Table, rows: list[int], role: str) -> pa.Array:
+        col = getattr(self.cfg.columns, role)
+        text = pc.utf8_trim_whitespace(_strings(batch[col]))
+        empty = _first(pc.fill_null(pc.equal(pc.utf8_length(text), 0), True))
+        if empty is not None:
+            raise FedshopError(f"{self.source} row {rows[empty] + 1}: column '{col}' (data.columns.{role}) is empty")
+        long = pc.greater(pc.utf8_length(text), self.cfg.max_text_chars)
+        count = pc.sum(long).as_py() or 0
+        if count:
+            before = self.truncated.get(col, (0, rows[_first(long) or 0] + 1))
+            self.truncated[col] = (before[0] + count, before[1])
+            text = pc.if_else(long, pc.utf8_slice_codeunits(text, 0, self.cfg.max_text_chars), text)
+        return text
+
+    def _label(self, batch: pa.Table, rows: list[int]) -> pa.Array:
+        col = self.cfg.columns.label
+        names = pc.utf8_trim_whitespace(_strings(batch[col]))
+        missing = _first(pc.fill_null(pc.equal(names, ""), True))
+        if missing is not None:
+            raise FedshopError(f"{self.source} row {rows[missing] + 1}: column '{col}' (data.columns.label) has no "
+                               f"label")
+        index = pc.index_in(names, value_set=self.labels)
+        unknown = _first(pc.is_null(index))
+        if unknown is not None:
+            raise FedshopError(f"{self.source} row {rows[unknown] + 1}: column '{col}' has unknown label "
+                               f"'{names[unknown].as_py()}'; expected one of {self.labels.to_pylist()} (data.labels)")
+        return pc.cast(index, pa.int64())
+
+    def _merchant(self, batch: pa.Table, rows: list[int]) -> pa.Array:
+        col = self.cfg.columns.merchant
+        if not col:
+            return pa.array(["all"] * batch.num_rows, pa.string())
+        names = pc.fill_null(_strings(batch[col]), "None")
+        bad = _first(pc.is_in(names, value_set=pa.array(["", "None", "nan"])))
+        if bad is not None:
+            raise FedshopError(f"{self.source} row {rows[bad] + 1}: column '{col}' (data.columns.merchant) is empty")
+        return names
+
+    def _query_id(self, batch: pa.Table, text: pa.Array, pair: pa.Array | None) -> pa.Array:
+        if self.cfg.columns.query_id:
+            return pc.fill_null(_strings(batch[self.cfg.columns.query_id]), "None")
+        if self.cfg.task == "relevance":
+            return text
+        # group by content: stable when rows move between files, and duplicates never straddle splits
+        pairs = pair.to_pylist() if pair is not None else [""] * len(text)
+        return pa.array([hashlib.sha1(f"{t}\x1f{p}".encode()).hexdigest()[:16]
+                         for t, p in zip(text.to_pylist(), pairs, strict=True)], pa.string())
+
+    def warn(self) -> None:
+        """Log, per column, how many texts were cut to data.max_text_chars."""
+        for col, (count, first) in self.truncated.items():
+            log.warning("%s: %d texts in column '%s' were longer than data.max_text_chars=%d and were truncated "
+                        "(first at row %d)", self.source, count, col, self.cfg.max_text_chars, first)
 
 
 def normalize(ds: datasets.Dataset, cfg: DataConfig, source: str) -> tuple[datasets.Dataset, list[str]]:
-    """Validate a raw table and map it to the standard columns; returns it with the label names."""
+    """Validate a raw table and map it to the standard columns, ROWS_PER_BATCH rows at a time (a file's result
+    goes to its Arrow cache, so memory does not grow with the file); returns it with the label names."""
     cols = cfg.columns
     roles = {"text": cols.text, "text_pair": cols.text_pair, "label": cols.label,
              "merchant": cols.merchant, "query_id": cols.query_id}
@@ -191,60 +287,21 @@ def normalize(ds: datasets.Dataset, cfg: DataConfig, source: str) -> tuple[datas
         if col and col not in ds.column_names:
             raise FedshopError(f"{source}: missing column '{col}' (data.columns.{role}); columns found: "
                                f"{', '.join(ds.column_names)}")
-    n = len(ds)
-    if n == 0:
+    if len(ds) == 0:
         raise FedshopError(f"{source}: no rows")
-    texts: dict[str, list[str]] = {}
-    for role in ("text", "text_pair"):
-        col = roles[role]
-        if not col:
-            continue
-        values = column(ds, col)
-        out, truncated = [], []
-        for i, v in enumerate(values):
-            s = "" if v is None else str(v).strip()
-            if not s:
-                raise FedshopError(f"{source} row {i + 1}: column '{col}' (data.columns.{role}) is empty")
-            if len(s) > cfg.max_text_chars:
-                truncated.append(i + 1)
-                s = s[: cfg.max_text_chars]
-            out.append(s)
-        if truncated:
-            log.warning("%s: %d texts in column '%s' were longer than data.max_text_chars=%d and were truncated "
-                        "(first at row %d)", source, len(truncated), col, cfg.max_text_chars, truncated[0])
-        texts[role] = out
-    raw_labels = column(ds, cols.label)
-    label_str = []
-    for i, v in enumerate(raw_labels):
-        s = "" if v is None else str(v).strip()
-        if not s:
-            raise FedshopError(f"{source} row {i + 1}: column '{cols.label}' (data.columns.label) has no label")
-        label_str.append(s)
-    labels = list(cfg.labels) if cfg.labels else sorted(set(label_str))
-    index = {name: k for k, name in enumerate(labels)}
-    for i, s in enumerate(label_str):
-        if s not in index:
-            raise FedshopError(f"{source} row {i + 1}: column '{cols.label}' has unknown label '{s}'; expected one "
-                               f"of {labels} (data.labels)")
+    labels = list(cfg.labels) if cfg.labels else _label_names(ds, cols.label)
     if len(labels) < 2:
         raise FedshopError(f"{source}: column '{cols.label}' has a single label {labels}; need at least two")
-    merchants = [str(m) for m in column(ds, cols.merchant)] if cols.merchant else ["all"] * n
-    for i, m in enumerate(merchants):
-        if m in {"", "None", "nan"}:
-            raise FedshopError(f"{source} row {i + 1}: column '{cols.merchant}' (data.columns.merchant) is empty")
-    if cols.query_id:
-        qids = [str(q) for q in column(ds, cols.query_id)]
-    elif cfg.task == "relevance":
-        qids = texts["text"]
-    else:  # group by content: stable when rows move between files, and duplicates never straddle splits
-        pairs = texts.get("text_pair") or [""] * n
-        qids = [hashlib.sha1(f"{t}\x1f{p}".encode()).hexdigest()[:16]
-                for t, p in zip(texts["text"], pairs, strict=True)]
-    out_cols: dict[str, list[Any]] = {"text": texts["text"], "label": [index[s] for s in label_str],
-                                      "merchant": merchants, "query_id": qids}
-    if "text_pair" in texts:
-        out_cols["text_pair"] = texts["text_pair"]
-    return datasets.Dataset.from_dict(out_cols), labels
+    normalizer = _Normalizer(cfg, source, labels)
+    key = json.dumps({"v": "fedshop-normalize-v1", "ds": ds._fingerprint, "data": asdict(cfg), "labels": labels},
+                     sort_keys=True)
+    # Recomputed every time (load_from_cache_file=False): it is vectorised, and the truncation warning is then
+    # logged on every run, not only on the first.
+    out = ds.with_format("arrow").map(normalizer, batched=True, batch_size=ROWS_PER_BATCH, with_indices=True,
+                                      remove_columns=ds.column_names, load_from_cache_file=False, desc=None,
+                                      new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
+    normalizer.warn()
+    return out.with_format(None), labels
 
 
 def _unit_hash(*parts: object) -> float:
@@ -257,10 +314,13 @@ def group_split(ds: datasets.Dataset, fraction: float, seed: int,
     """Split by query group (all pairs of a query on one side), deterministic for a seed."""
     if fraction <= 0:
         return ds, ds.select([])
-    is_held = [_unit_hash(seed, salt, q) < fraction for q in column(ds, "query_id")]
-    held = [i for i, h in enumerate(is_held) if h]
-    kept = [i for i, h in enumerate(is_held) if not h]
-    return ds.select(kept), ds.select(held)
+    held = []
+    for batch in ds.with_format("arrow").iter(ROWS_PER_BATCH):  # each query of a batch hashed once
+        queries = pc.dictionary_encode(batch["query_id"]).combine_chunks()
+        flags = np.array([_unit_hash(seed, salt, q) < fraction for q in queries.dictionary.to_pylist()], dtype=bool)
+        held.append(flags[queries.indices.to_numpy()])
+    is_held = np.concatenate(held)
+    return ds.select(np.flatnonzero(~is_held)), ds.select(np.flatnonzero(is_held))
 
 
 def partition(pool: datasets.Dataset, cfg: FedshopConfig, source: str) -> tuple[Partitioner, list[str]]:
@@ -313,7 +373,7 @@ _CACHE: dict[str, FederatedData] = {}
 def load_test(cfg: FedshopConfig) -> tuple[datasets.Dataset, list[str]]:
     """The server's held-out test split: deploy.test_path when set, else the configured data's test split."""
     if cfg.deploy.test_path:
-        raw = read_file(cfg.deploy.test_path, cfg.data.format, "deploy.test_path")
+        raw = read_file(cfg.deploy.test_path, cfg.data.format, "deploy.test_path", cfg.data.cache_dir)
         return normalize(raw, cfg.data, f"data file {Path(cfg.deploy.test_path).expanduser()}")
     fd = prepare(cfg)
     return fd.test, fd.labels
@@ -331,7 +391,7 @@ def prepare(cfg: FedshopConfig) -> FederatedData:
 def load_shard(path: str | Path, cfg: FedshopConfig,
                name: str) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """A merchant's own shard file, validated and split into local (train, val) as in simulation."""
-    raw = read_file(path, cfg.data.format, "deploy.shard")
+    raw = read_file(path, cfg.data.format, "deploy.shard", cfg.data.cache_dir)
     ds, labels = normalize(raw, cfg.data, f"data file {Path(path).expanduser()}")
     train, val = group_split(ds, cfg.data.val_fraction, cfg.seed, f"val:{name}")
     if len(train) == 0:

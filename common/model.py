@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -48,8 +49,12 @@ def resolve_path(cfg: ModelConfig) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of the configured model (tiny uses MiniLM's WordPiece vocabulary)."""
-    path = resolve_path(cfg)
+    """The tokenizer of the configured model (tiny uses MiniLM's WordPiece vocabulary), read once per process."""
+    return _tokenizer(resolve_path(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -102,8 +107,10 @@ def _base_model(cfg: ModelConfig, labels: list[str], seed: int) -> PreTrainedMod
     return model
 
 
-def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
-    """Token ids for (text[, text_pair]), truncated to max_length, unpadded (padding is per batch)."""
+def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+             num_proc: int = 1) -> datasets.Dataset:
+    """Token ids for (text[, text_pair]), truncated to max_length, unpadded (padding is per batch). A file-backed
+    dataset's tokens go to its Arrow cache (reused by the next process that asks), by num_proc processes."""
     has_pair = "text_pair" in ds.column_names
 
     def enc(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
@@ -114,7 +121,9 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     drop = [c for c in ds.column_names if c not in keep]
     # An explicit fingerprint: datasets would otherwise dill-pickle the tokenizer to derive one (~0.8 s each).
     key = f"fedshop-tokenize-v1|{ds._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}|{has_pair}"
-    return ds.map(enc, batched=True, remove_columns=drop, desc=None,
+    # Worker processes only for a file's rows: an in-memory dataset would be pickled to each of them.
+    procs = num_proc if num_proc > 1 and ds.cache_files and len(ds) >= 2 * num_proc else None
+    return ds.map(enc, batched=True, remove_columns=drop, desc=None, num_proc=procs,
                   new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
 
 

@@ -53,7 +53,7 @@ class Federation:
         test_raw, self.labels = D.load_test(cfg)
         self.tokenizer = M.load_tokenizer(cfg.model)
         self.model = M.build_model(cfg.model, self.labels, cfg.seed, cfg.finetune)
-        self.test = M.tokenize(test_raw, self.tokenizer, cfg.train.max_length)
+        self.test = M.tokenize(test_raw, self.tokenizer, cfg.train.max_length, cfg.data.num_proc)
         self.gains = D.label_gains(cfg.data, self.labels)
         self.base_fingerprint = exchange.fingerprint(self.model)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def run_centralized(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     """One model trained on the union of all merchants' train splits, num_rounds × local_epochs epochs."""
     fd, tokenizer, test, gains = _setup(cfg)
     model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
-    pooled = M.tokenize(fd.pooled_train, tokenizer, cfg.train.max_length)
+    pooled = M.tokenize(fd.pooled_train, tokenizer, cfg.train.max_length, cfg.data.num_proc)
     runlog = RunLog(run_dir, {"mode": "centralized", "labels": fd.labels, "train_examples": len(pooled),
                               "test_examples": len(fd.test), "title": f"fedshop centralized, {cfg.model.name}"})
     runlog.add({"round": 0, "server": T.evaluate(model, test, tokenizer, cfg.train, gains), "seconds": 0.0})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,10 @@ from common.env import OFFLINE, set_offline
 
 ROOT = Path(__file__).resolve().parent.parent
 set_offline()
+# datasets' Arrow caches of the data files tests write (common/data.read_file) go to a directory of the session's
+# own, not the user's ~/.cache; set before anything imports datasets, and inherited by the processes tests start.
+_DATASETS_CACHE = tempfile.TemporaryDirectory(prefix="fedshop-test-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE.name
 
 # Fast settings for the tiny random-init model on the built-in review data (learnable in seconds).
 # Full fine-tuning: the tiny model's base is random, so freezing it (finetune=lora, the default) would leave little to

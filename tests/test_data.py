@@ -214,3 +214,52 @@ def test_iid_partition_has_equal_sizes():
     fd = D.prepare(compose(["partition=iid", "simulation.num_merchants=4"]))
     sizes = [len(t) + len(v) for t, v in zip(fd.train, fd.val, strict=True)]
     assert max(sizes) - min(sizes) <= 1
+
+
+def big_rows(n: int) -> list[dict[str, object]]:
+    """n rows over n // 5 queries, numeric labels and merchants (read back as str() writes them)."""
+    return [{"search_term": f"query {i // 5}", "title": f"product {i}", "grade": i % 4, "shop": i % 2,
+             "qid": f"q{i // 5}"} for i in range(n)]
+
+
+def test_validation_in_batches_names_the_file_row_and_counts_every_truncation(tmp_path, monkeypatch, caplog):
+    """Rows are validated ROWS_PER_BATCH at a time: errors still name the row of the file, truncations are
+    counted over every batch, and the result is the same as in one batch."""
+    r = big_rows(1000)
+    r[3]["title"], r[777]["title"] = "x" * 300, "y" * 300
+    cfg = csv_cfg(write_csv(tmp_path / "shop.csv", r), "data.max_text_chars=100")
+    whole, labels = D.normalize(D.read_file(cfg.data.path), cfg.data, "shop")
+    monkeypatch.setattr(D, "ROWS_PER_BATCH", 64)
+    with caplog.at_level(logging.WARNING):
+        batched, labels_b = D.normalize(D.read_file(cfg.data.path), cfg.data, "shop")
+    assert "2 texts in column 'title' were longer than data.max_text_chars=100" in caplog.text
+    assert "first at row 4" in caplog.text
+    assert labels == labels_b == ["0", "1", "2", "3"]
+    assert batched.to_list() == whole.to_list()
+    assert batched[0]["merchant"] == "0" and len(batched[777]["text_pair"]) == 100
+    r[700]["search_term"] = " "
+    with pytest.raises(FedshopError, match=r"bad.csv row 701: column 'search_term' \(data.columns.text\) is empty"):
+        D.prepare(csv_cfg(write_csv(tmp_path / "bad.csv", r)))
+
+
+def test_a_file_shard_lives_in_its_arrow_cache_and_its_tokens_are_reused(tmp_path):
+    """A file's rows, validated rows and tokens are memory-mapped files under data.cache_dir, not Python
+    objects, and a merchant that loads its shard again (a restart, the next round's process) reuses the tokens."""
+    from common import model as M
+
+    cache = tmp_path / "cache"
+    cfg = csv_cfg(write_csv(tmp_path / "shop.csv", big_rows(2000)), f"data.cache_dir={cache}")
+    tokenizer = M.load_tokenizer(compose(["model=tiny"]).model)
+
+    def tokens() -> tuple[int, Path]:
+        train, val, _ = D.load_shard(cfg.data.path, cfg, "shop_0")
+        assert len(train) + len(val) == 2000
+        assert all(Path(f["filename"]).is_relative_to(cache) for f in train.cache_files)
+        tok = M.tokenize(train, tokenizer, 32)
+        assert tok.cache_files and len(tok) == len(train)
+        path = Path(tok.cache_files[0]["filename"])
+        assert path.is_relative_to(cache)
+        return path.stat().st_mtime_ns, path
+
+    first, second = tokens(), tokens()
+    assert first == second  # the same cache file, not written again

@@ -232,6 +232,7 @@ SECURE_DP = ["secagg=plus", "privacy=client", "privacy.clipping_norm=0.05", "pri
              "privacy.population=3"]
 
 
+@pytest.mark.slow  # 2 minutes; SecAgg+ also runs in the default suite in simulation (tests/test_simulation.py)
 def test_secure_aggregation_with_client_dp_across_processes(deployment):
     """secagg=plus + privacy=client over gRPC: merchants clip, mask and upload; the server unmasks only the
     sum, noises the mean and accounts it; what left the merchants is protocol values and scalar metrics."""

@@ -206,3 +206,30 @@ def test_import_graph(package, forbidden):
     """server/ and client/ never import each other; common/ imports neither (every import, lazy ones too)."""
     for path in sorted((ROOT / package).rglob("*.py")):
         assert not _imports(path) & forbidden, f"{path.relative_to(ROOT)} imports {_imports(path) & forbidden}"
+
+
+def test_canary_the_fork_server_warm_up_builds_what_peft_asks_transformers_for():
+    """client/executor/warm.py: transformers keeps its conversion table in a module global that is built on first
+    use, and peft's LoRA injection asks for it: the fork server builds it once, every task inherits it."""
+    import transformers.conversion_mapping as cm
+    from peft.tuners import tuners_utils
+
+    import client.executor.warm  # noqa: F401
+
+    assert cm._checkpoint_conversion_mapping_cache is not None
+    assert "get_model_conversion_mapping" in inspect.getsource(tuners_utils)
+
+
+def test_the_fab_holds_what_the_apps_import_and_not_the_rest():
+    """pyproject's fab-include: the apps' packages and conf/ are in the FAB every task unpacks; benchmarks, tests,
+    serving and the README stay out."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {"client", "common", "server", "conf", "simulation", "pyproject.toml"} <= tops, tops
+    assert "conf/config.yaml" in names and "common/__init__.py" in names
+    assert not tops & {"bench", "tests", "serving", "README.md", ".ci"}, tops

@@ -203,7 +203,9 @@ def test_budget_stop_fires_before_the_round_that_would_exceed_it(tmp_path):
     assert "epsilon" in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("preset", ["central_adaptive", "client", "local"])
+# client in the default suite; the other two (about 55 s each) in the slow one.
+@pytest.mark.parametrize("preset", [pytest.param("central_adaptive", marks=pytest.mark.slow), "client",
+                                    pytest.param("local", marks=pytest.mark.slow)])
 def test_each_preset_runs_end_to_end_in_simulation_and_is_accounted(preset, tmp_path):
     clip = 0.05
     proc = run_cli("simulation", [*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2",

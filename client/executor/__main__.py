@@ -35,13 +35,14 @@ from client.executor.task import run_task
 
 log = logging.getLogger("fedshop.executor")
 
-# Third-party modules a fedshop ClientApp imports; fedshop's own packages are deliberately absent (they
-# come from the FAB). A module that is not installed is skipped.
+# Third-party modules a fedshop ClientApp imports, then the executor's own task runner and warm-up; the app's
+# packages are deliberately absent (they come from the FAB). A module that is not installed is skipped.
 PRELOAD = ["numpy", "torch", "torch.utils.data", "tokenizers", "transformers", "transformers.models.auto",
            "transformers.models.bert.modeling_bert", "transformers.models.bert.tokenization_bert",
            "datasets", "omegaconf", "hydra", "peft", "peft.tuners.lora", "peft.mapping_func", "flwr_datasets",
            "flwr_datasets.partitioner", "tqdm", "flwr.app",
-           "flwr.clientapp", "flwr.supernode.runtime.run_clientapp", "client.executor.task"]
+           "flwr.clientapp", "flwr.supernode.runtime.run_clientapp", "client.executor.task",
+           "client.executor.warm"]
 
 
 class ForkServerExecutor:

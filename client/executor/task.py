@@ -22,6 +22,10 @@ def run_task(**kwargs: Any) -> None:
     from client import flower_patches
 
     flower_patches.apply_task()
+    # The app's modules are compiled once into the installed FAB's __pycache__, then read back by every later
+    # task, even under PYTHONDONTWRITEBYTECODE (or the -B the fork server inherits): otherwise every task
+    # compiles fedshop's modules from source again.
+    sys.dont_write_bytecode = False
     for name in [m for m in sys.modules if m.split(".")[0] in OWN_PACKAGES]:
         del sys.modules[name]
     run_clientapp(**kwargs)
