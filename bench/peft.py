@@ -79,7 +79,8 @@ def main() -> None:
     """Run the settings and print/write the tables."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", nargs="*", default=list(SETTINGS), help="settings (SETTINGS or VARIANTS) to run")
+    ap.add_argument("--only", nargs="*", default=list(SETTINGS),
+                    help="settings (SETTINGS or VARIANTS) to run; none with --deploy / --secagg: those alone")
     ap.add_argument("--deploy", action="store_true")
     ap.add_argument("--secagg", action="store_true")
     ap.add_argument("overrides", nargs="*")
@@ -107,10 +108,11 @@ def main() -> None:
           "deployed fixed overhead <= 2 s with LoRA; SecAgg+ <= 1.3x plain with LoRA")
     if a.only == list(SETTINGS):
         print("written:", write("peft", doc))
-    else:  # variants join the main run's file
+    else:  # variants, and deployment or SecAgg+ rows measured alone, join the main run's file
         path = RESULTS / "peft.json"
         main_doc = json.loads(path.read_text()) if path.is_file() else {"rows": []}
         main_doc["variants"] = [*main_doc.get("variants", []), *rows]
+        main_doc.update({k: doc[k] for k in ("deploy", "secagg") if k in doc})
         print("written:", write("peft", main_doc))
 
 
