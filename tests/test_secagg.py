@@ -333,3 +333,34 @@ def test_merchants_refuse_a_server_with_another_base():
     assert set(grid.refused) == set(NODES)
     reason = grid.refused[NODES[0]]
     assert "merchant_00: base model fingerprint " in reason and "differs from the server's 0123456789abcdef" in reason
+
+
+def test_replies_are_pulled_soon_then_every_poll_interval(monkeypatch):
+    """The server's pull loop waits 10 ms first and doubles up to poll_interval: replies that come back at once
+    (SecAgg+'s key stages) are not held for a whole interval, and a long wait still polls at poll_interval."""
+    from types import SimpleNamespace
+
+    import server.grid as G
+
+    class Slow:
+        """A grid whose replies exist from the `ready`-th pull on."""
+
+        def __init__(self, ready: int) -> None:
+            self.ready, self.pulls = ready, 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            if self.pulls < self.ready:
+                return []
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+
+    waits: list[float] = []
+    monkeypatch.setattr(G.time, "sleep", waits.append)
+    for ready, expected in ((1, []), (2, [0.01]), (8, [0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.2])):
+        waits.clear()
+        grid = MerchantGrid(Slow(ready), 5.0, 0.2, "0123456789abcdef")  # type: ignore[arg-type]
+        assert len(list(grid.send_and_receive([object(), object()]))) == 2  # type: ignore[list-item]
+        assert waits == pytest.approx(expected)
