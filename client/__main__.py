@@ -31,10 +31,12 @@ REFUSED = {"Failed to activate SuperNode": "the server refused this merchant: it
                                    "against a TLS server)"}
 
 
-def _node_config(cfg: FedshopConfig, shard: str, name: str) -> str:
-    """This merchant's node config: its shard, index and name, and its own copy of the base model if any."""
+def _node_config(cfg: FedshopConfig, shard: str, name: str, lines: Path) -> str:
+    """This merchant's node config: its shard, index and name, the file its tasks append a line per message to,
+    and its own copy of the base model if any."""
     d = cfg.deploy
-    items = {wire.NODE_SHARD: shard, wire.NODE_MERCHANT_INDEX: d.merchant_index, wire.NODE_MERCHANT_NAME: name}
+    items = {wire.NODE_SHARD: shard, wire.NODE_MERCHANT_INDEX: d.merchant_index, wire.NODE_MERCHANT_NAME: name,
+             wire.NODE_LOG: str(lines)}
     if d.model_path:
         items[wire.NODE_MODEL_PATH] = str(Path(d.model_path).expanduser().resolve())
     for key, value in items.items():
@@ -43,7 +45,7 @@ def _node_config(cfg: FedshopConfig, shard: str, name: str) -> str:
     return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in items.items())
 
 
-def supernode_command(cfg: FedshopConfig, name: str, secret: Path | None = None) -> list[str]:
+def supernode_command(cfg: FedshopConfig, name: str, lines: Path, secret: Path | None = None) -> list[str]:
     """flower-superlink's counterpart for this merchant, every address explicit.
 
     With `secret` the node runs in process isolation: fedshop's executor (executor_command) runs its tasks
@@ -52,7 +54,7 @@ def supernode_command(cfg: FedshopConfig, name: str, secret: Path | None = None)
     d = cfg.deploy
     shard = str(Path(str(d.shard)).expanduser().resolve())
     cmd = [sys.executable, "-m", "client.supernode", "--superlink", d.superlink, "--grpc-rere", "--host", "127.0.0.1",
-           "--port", str(d.node_port), "--node-config", _node_config(cfg, shard, name), "--max-retries",
+           "--port", str(d.node_port), "--node-config", _node_config(cfg, shard, name, lines), "--max-retries",
            str(d.connect_retries),
            "--max-wait-time", str(d.connect_wait)]
     if secret is not None:
@@ -90,6 +92,26 @@ def _new_secret(run_dir: Path) -> Path:
     return path
 
 
+class Tail:
+    """The lines this merchant's tasks append to `path` (one per message), shown on the console as they come."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.is_file() else 0  # a restarted merchant shows only new lines
+
+    def show(self) -> None:
+        """Log the complete lines written since the last call."""
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        done = chunk.rfind(b"\n") + 1
+        self.offset += done
+        for line in chunk[:done].decode(errors="replace").splitlines():
+            log.info("%s", line.split(" ", 1)[-1])
+
+
 def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     """Validate the shard, then run the SuperNode until it exits; returns its exit status."""
     from common import data as D
@@ -108,7 +130,8 @@ def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(max(0.01, d.poll_interval / 2))
     log_path = run_dir / "supernode.log"
     secret = _new_secret(run_dir) if d.executor == "forkserver" else None
-    node = procs.start(supernode_command(cfg, name, secret), log_path, env)
+    lines = Tail(run_dir / "messages.log")
+    node = procs.start(supernode_command(cfg, name, lines.path, secret), log_path, env)
     (run_dir / "supernode.pid").write_text(f"{node.pid}\n")
     owned = [node]
     if secret is not None:
@@ -125,7 +148,9 @@ def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     while all(proc.poll() is None for proc in owned):
+        lines.show()
         time.sleep(0.5)
+    lines.show()
     executor_died = len(owned) > 1 and owned[1].poll() is not None and node.poll() is None
     for proc in owned:
         procs.stop(proc, grace=20)

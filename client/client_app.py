@@ -6,9 +6,11 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -21,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client import flower_patches
 from client.secure import secure_mod
-from common import attacks, exchange, wire
+from common import attacks, exchange, logs, wire
 from common import data as D
 from common import model as M
 from common import train as T
@@ -160,12 +162,28 @@ def _train(cfg: FedshopConfig, merchant: Merchant, ins: wire.Instruction, contex
                            state.rounds_trained, metrics, evaluated)
 
 
-def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
-    """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run."""
+def _line(kind: str, merchant: Merchant, rnd: int, n: int, seconds: float, loss: float | None) -> str:
+    """`merchant_00 round 3 train: 715 examples, 4.2 s, loss 0.9123`."""
+    return (f"{merchant.name} round {rnd} {kind}: {n} examples, {seconds:.1f} s"
+            + ("" if loss is None else f", loss {loss:.4f}"))
+
+
+def build_client_app(fixed_cfg: FedshopConfig | None = None, log_file: Path | None = None) -> ClientApp:
+    """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run. Each
+    message it handles appends a line to `log_file` (simulation) or to its node config's log file (python -m
+    client shows those); its Python warnings go to <that file>.warnings.log."""
     app = ClientApp()
 
     def config_of(context: Context) -> FedshopConfig:
         return fixed_cfg or _run_config(json.dumps(dict(context.run_config), sort_keys=True))
+
+    def log_of(context: Context) -> Path | None:
+        path = log_file or context.node_config.get(wire.NODE_LOG)
+        return Path(str(path)) if path else None
+
+    def note(context: Context, text: str) -> None:
+        if (path := log_of(context)) is not None:
+            logs.append_line(path, text)
 
     def receive(msg: Message, context: Context) -> tuple[FedshopConfig, Merchant, wire.Instruction]:
         cfg = config_of(context)
@@ -178,19 +196,27 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
     @app.lifespan()
     def lifespan(context: Context) -> Iterator[None]:
         flower_patches.apply_clientapp()  # in whichever process runs the app (a Ray actor, a forked task)
+        if (path := log_of(context)) is not None:  # beside the message lines, not among them
+            logs.warnings_to_file(path.with_suffix(".warnings.log"))
         yield
 
     # secagg=plus: SecAgg+ masks what the privacy mod (clipping, local noise) hands back.
     @app.train(mods=[secure_mod(config_of), _privacy_mod(config_of)])
     def train(msg: Message, context: Context) -> Message:
+        t0 = time.time()
         cfg, merchant, ins = receive(msg, context)
-        return Message(content=_train(cfg, merchant, ins, context).to_content(), reply_to=msg)
+        reply = _train(cfg, merchant, ins, context)
+        note(context, _line("train", merchant, ins.server_round, reply.num_examples, time.time() - t0,
+                            reply.metrics.get(wire.TRAIN_LOSS)))
+        return Message(content=reply.to_content(), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, merchant, _ = receive(msg, context)
+        t0 = time.time()
+        cfg, merchant, ins = receive(msg, context)
         scores = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
         n = int(scores.pop(wire.NUM_EXAMPLES))
+        note(context, _line("evaluate", merchant, ins.server_round, n, time.time() - t0, scores.get("loss")))
         return Message(content=wire.EvaluateReply(n, merchant.index, scores).to_content(), reply_to=msg)
 
     @app.query()
@@ -198,6 +224,7 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None) -> ClientApp:
         merchant = load_merchant(config_of(context), dict(context.node_config))
         merchant.check_base(wire.requested_fingerprint(msg.content))
         reply = wire.QueryReply(merchant.index, merchant.name, len(merchant.train))
+        note(context, f"{merchant.name} query: identified, {len(merchant.train)} train examples")
         return Message(content=reply.to_content(), reply_to=msg)
 
     return app

@@ -95,7 +95,32 @@ def load(path: Path, expected_config_json: str | None = None) -> dict[str, Any]:
     return payload
 
 
+def _rounds(directory: Path) -> list[Path]:
+    """Round checkpoints in `directory`, oldest round first."""
+    return sorted(directory.glob("round_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
 def latest(directory: Path) -> Path | None:
     """The checkpoint of the highest round in `directory`, if any."""
-    found = sorted(directory.glob("round_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    found = _rounds(directory)
     return found[-1] if found else None
+
+
+def prune(directory: Path, keep_last: int, also: set[int]) -> list[int]:
+    """Delete the round checkpoints except the newest `keep_last` and the rounds in `also`; the rounds deleted."""
+    found = _rounds(directory)
+    gone = [p for p in found[:-keep_last] if int(p.stem.split("_")[1]) not in also]
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return [int(p.stem.split("_")[1]) for p in gone]
+
+
+def best_round(history: list[dict[str, Any]], metric: str, mode: str) -> int:
+    """The round whose server-side `metric` is best (max or min; the earliest on a tie)."""
+    scored = [(int(r["round"]), float(v)) for r in history
+              if isinstance(v := (r.get("server") or {}).get(metric), int | float)]
+    if not scored:
+        found = sorted({k for r in history for k in (r.get("server") or {})})
+        raise FedshopError(f"checkpoint.best_metric={metric!r}: not a server-side metric of this run; it has {found}")
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda rv: (sign * rv[1], -rv[0]))[0]

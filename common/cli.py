@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 from common.config import FedshopConfig, to_typed
 from common.env import set_offline
 from common.errors import FedshopError
+from common.logs import warnings_to_log
 
 
 def run_guarded(cfg_raw: DictConfig, run_dir: Path, job: Callable[[FedshopConfig, Path], int],
                 log: logging.Logger) -> None:
     """Type-check cfg_raw, run job(cfg, run_dir) offline and exit with its status; FedshopError exits 2."""
+    warnings_to_log()
     try:
         cfg = to_typed(cfg_raw)
         set_offline(run_dir)

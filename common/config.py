@@ -54,6 +54,7 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     labels: list[str] | None = None
     gains: dict[str, float] = field(default_factory=dict)
+    test_path: str | None = None  # a fixed held-out test file (then test_fraction is unused)
     test_fraction: float = MISSING
     val_fraction: float = MISSING
     max_text_chars: int = MISSING
@@ -186,6 +187,33 @@ class SimulationConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Which round checkpoints a run keeps."""
+
+    keep_last: int = MISSING
+    best_metric: str | None = None
+    best_mode: str = MISSING  # max | min
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (conf/tracking/)."""
+
+    name: str = MISSING  # none | mlflow
+    uri: str | None = None
+    local_dir: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None
+
+
+@dataclass
+class LiveConfig:
+    """The live federation page the server serves on 127.0.0.1 while a run is on."""
+
+    port: int | None = None  # null: no page
+
+
+@dataclass
 class DeployConfig:
     """Server and merchant processes over gRPC (Flower SuperLink / SuperNodes)."""
 
@@ -199,7 +227,6 @@ class DeployConfig:
     auth: bool = MISSING
     certs: str = MISSING
     merchant_keys: list[str] | None = None
-    test_path: str | None = None
     superlink: str = MISSING
     shard: str | None = None
     model_path: str | None = None
@@ -285,6 +312,9 @@ class FedshopConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
 
@@ -314,7 +344,23 @@ def validate(cfg: FedshopConfig) -> FedshopConfig:
     _validate_privacy(cfg)
     _validate_secagg(cfg)
     _validate_serving(cfg.serving)
+    _validate_outputs(cfg)
     return cfg
+
+
+def _validate_outputs(cfg: FedshopConfig) -> None:
+    """What a run keeps, tracks and shows."""
+    tr = cfg.tracking
+    _check(tr.name in {"none", "mlflow"}, "tracking.name", tr.name, "none|mlflow")
+    _check(tr.name == "none" or bool(tr.experiment), "tracking.experiment", tr.experiment,
+           "a name with tracking=mlflow")
+    _check(tr.name == "none" or bool(tr.uri or tr.local_dir), "tracking.local_dir", tr.local_dir,
+           "a directory when tracking.uri is null")
+    _check(cfg.live.port is None or 0 <= cfg.live.port < 65536, "live.port", cfg.live.port,
+           "a TCP port, 0 for any free one, or null for no page")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last,
+           ">= 1 (resuming needs the newest checkpoint)")
+    _check(cfg.checkpoint.best_mode in {"max", "min"}, "checkpoint.best_mode", cfg.checkpoint.best_mode, "max|min")
 
 
 def _validate_data(cfg: FedshopConfig) -> None:
@@ -485,12 +531,14 @@ def to_json(cfg: FedshopConfig) -> str:
 
 
 def training_json(cfg: FedshopConfig) -> str:
-    """to_json without the sections that do not change what is trained (deploy addresses, serving).
+    """to_json without the sections that do not change what is trained (deploy addresses, serving, what is kept,
+    tracked and shown).
 
-    Checkpoints are tied to this, so a resumed server may listen elsewhere or use other certificates.
+    Checkpoints are tied to this, so a resumed server may listen elsewhere, use other certificates, keep more
+    checkpoints or log to another tracking server.
     """
     doc = json.loads(to_json(cfg))
-    for key in ("deploy", "serving"):
+    for key in ("deploy", "serving", "checkpoint", "tracking", "live"):
         doc.pop(key, None)
     return json.dumps(doc, sort_keys=True)
 

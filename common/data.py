@@ -277,9 +277,11 @@ class _Normalizer:
                         "(first at row %d)", self.source, count, col, self.cfg.max_text_chars, first)
 
 
-def normalize(ds: datasets.Dataset, cfg: DataConfig, source: str) -> tuple[datasets.Dataset, list[str]]:
+def normalize(ds: datasets.Dataset, cfg: DataConfig, source: str,
+              labels: list[str] | None = None) -> tuple[datasets.Dataset, list[str]]:
     """Validate a raw table and map it to the standard columns, ROWS_PER_BATCH rows at a time (a file's result
-    goes to its Arrow cache, so memory does not grow with the file); returns it with the label names."""
+    goes to its Arrow cache, so memory does not grow with the file); returns it with the label names (`labels`
+    when given: a test file is read with the training data's labels)."""
     cols = cfg.columns
     roles = {"text": cols.text, "text_pair": cols.text_pair, "label": cols.label,
              "merchant": cols.merchant, "query_id": cols.query_id}
@@ -289,7 +291,7 @@ def normalize(ds: datasets.Dataset, cfg: DataConfig, source: str) -> tuple[datas
                                f"{', '.join(ds.column_names)}")
     if len(ds) == 0:
         raise FedshopError(f"{source}: no rows")
-    labels = list(cfg.labels) if cfg.labels else _label_names(ds, cols.label)
+    labels = labels or (list(cfg.labels) if cfg.labels else _label_names(ds, cols.label))
     if len(labels) < 2:
         raise FedshopError(f"{source}: column '{cols.label}' has a single label {labels}; need at least two")
     normalizer = _Normalizer(cfg, source, labels)
@@ -359,7 +361,10 @@ def _data_key(cfg: FedshopConfig) -> str:
 def _build(cfg: FedshopConfig) -> FederatedData:
     raw, source = load_raw(cfg.data, cfg.seed)
     ds, labels = normalize(raw, cfg.data, source)
-    pool, test = group_split(ds, cfg.data.test_fraction, cfg.seed, "test")
+    if cfg.data.test_path:  # a fixed test file: every row of the data trains
+        pool, test = ds, read_test(cfg.data, labels)[0]
+    else:
+        pool, test = group_split(ds, cfg.data.test_fraction, cfg.seed, "test")
     if len(test) == 0:
         raise FedshopError(f"{source}: the held-out test split is empty; raise data.test_fraction or add rows")
     shards = Shards(*partition(pool, cfg, source), cfg, source)
@@ -370,11 +375,19 @@ def _build(cfg: FedshopConfig) -> FederatedData:
 _CACHE: dict[str, FederatedData] = {}
 
 
+def read_test(cfg: DataConfig, labels: list[str] | None = None) -> tuple[datasets.Dataset, list[str]]:
+    """The held-out test file data.test_path, validated like training data (with `labels` when given, else
+    data.labels or the file's own); returns it with the label names."""
+    assert cfg.test_path is not None
+    raw = read_file(cfg.test_path, cfg.format, "data.test_path", cfg.cache_dir)
+    return normalize(raw, cfg, f"data file {Path(cfg.test_path).expanduser()}", labels)
+
+
 def load_test(cfg: FedshopConfig) -> tuple[datasets.Dataset, list[str]]:
-    """The server's held-out test split: deploy.test_path when set, else the configured data's test split."""
-    if cfg.deploy.test_path:
-        raw = read_file(cfg.deploy.test_path, cfg.data.format, "deploy.test_path", cfg.data.cache_dir)
-        return normalize(raw, cfg.data, f"data file {Path(cfg.deploy.test_path).expanduser()}")
+    """The server's held-out test set: the file data.test_path when set (the server then needs no training data;
+    labels from data.labels or the file), else the configured data's test split."""
+    if cfg.data.test_path:
+        return read_test(cfg.data)
     fd = prepare(cfg)
     return fd.test, fd.labels
 
@@ -397,6 +410,17 @@ def load_shard(path: str | Path, cfg: FedshopConfig,
     if len(train) == 0:
         raise FedshopError(f"data file {path}: no training rows left after the validation split")
     return train, val, labels
+
+
+def rows_digest(ds: datasets.Dataset) -> str:
+    """A short hash of a split's texts and labels, in order: results.json's `test_digest`, equal when two runs
+    scored the same rows."""
+    h = hashlib.sha256()
+    cols = [c for c in ("text", "text_pair", "label") if c in ds.column_names]
+    for batch in ds.with_format("arrow").select_columns(cols).iter(ROWS_PER_BATCH):
+        for col in cols:
+            h.update(json.dumps(batch[col].to_pylist()).encode())
+    return h.hexdigest()[:16]
 
 
 def label_gains(cfg: DataConfig, labels: list[str]) -> list[float] | None:

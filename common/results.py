@@ -5,21 +5,29 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import wire
 from common.checkpoint import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from common.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
 
 class RunLog:
-    """Collects one record per round and keeps results.json, TensorBoard and the console in step."""
+    """Collects one record per round and keeps results.json, TensorBoard, the console and the tracker (MLflow,
+    when configured) in step."""
 
-    def __init__(self, run_dir: Path, meta: dict[str, Any], rounds: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, run_dir: Path, meta: dict[str, Any], rounds: list[dict[str, Any]] | None = None,
+                 tracker: MlflowTracker | None = None) -> None:
         self.run_dir = run_dir
         self.meta = meta
         self.rounds: list[dict[str, Any]] = list(rounds or [])
+        self.tracker = tracker
+        if tracker is not None:
+            meta["tracking"] = tracker.as_json()
         run_dir.mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -34,6 +42,8 @@ class RunLog:
                 if isinstance(value, int | float):
                     self.tb.add_scalar(f"{group}/{key}", value, step)
         self.tb.flush()
+        if self.tracker is not None:
+            self.tracker.log_round(record)
         log.info(summary_line(record))
         self.write()
 
@@ -46,6 +56,8 @@ class RunLog:
                     if isinstance(value, int | float):
                         self.tb.add_scalar(f"evaluate/{key}", value, round_)
                 self.tb.flush()
+                if self.tracker is not None and fields.get("evaluate"):
+                    self.tracker.log_round({"round": round_, "evaluate": fields["evaluate"]})
                 self.write()
                 return
 
@@ -56,9 +68,11 @@ class RunLog:
         atomic_write_bytes(self.run_dir / "results.json", json.dumps(doc, indent=2).encode())
 
     def close(self) -> None:
-        """Flush TensorBoard and draw the plot."""
+        """Flush TensorBoard, draw the plot, and hand the finished run to the tracker."""
         self.tb.close()
         plot(self.rounds, self.run_dir / "metrics.png", str(self.meta.get("title", "fedshop")))
+        if self.tracker is not None:
+            self.tracker.finish(self.run_dir, str(self.meta.get("status")))
 
 
 def summary_line(record: dict[str, Any]) -> str:

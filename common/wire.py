@@ -58,6 +58,7 @@ NODE_MERCHANT_INDEX = "merchant-index"
 NODE_MERCHANT_NAME = "merchant-name"
 NODE_PARTITION_ID = "partition-id"
 NODE_MODEL_PATH = "model-path"  # the merchant's own copy of the base (deploy.model_path)
+NODE_LOG = "log-file"  # where the merchant's tasks append one line per message (python -m client shows them)
 
 # The start of a merchant's refusal to train on another frozen base than the server's (client/client_app.py).
 BASE_MISMATCH = "base model fingerprint"

@@ -23,6 +23,7 @@ from common.errors import FedshopError  # noqa: E402
 log = logging.getLogger("fedshop.server")
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedshop"
+SHOWN = ("round ", "fedshop", "resuming", "live page")  # the ServerApp's lines the console shows
 
 
 def _tls_files(cfg: FedshopConfig) -> dict[str, Path]:
@@ -112,7 +113,7 @@ def serve(cfg: FedshopConfig, run_dir: Path) -> int:
                 applog.write(line)
                 applog.flush()
                 text = line.rstrip()
-                if text.startswith(("round ", "fedshop", "resuming")) or "ERROR" in text or "rror:" in text:
+                if text.startswith(SHOWN) or "ERROR" in text or "rror:" in text:
                     print(text, flush=True)
         flwr.wait()
     finally:

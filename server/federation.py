@@ -23,8 +23,10 @@ from common import train as T
 from common.config import FedshopConfig, training_json
 from common.errors import FedshopError
 from common.results import RunLog
+from common.tracking import open_tracker
 from server import flower_patches
 from server.grid import MerchantGrid, Roster
+from server.live import LivePage, status
 from server.privacy import make_private
 from server.report import EvaluateResult, TrainReport, TrainResult, evaluation_json, round_json
 from server.secagg import SecureRound
@@ -67,11 +69,16 @@ class Federation:
                                f"{self.payload.get('base_fingerprint')}, but this server's is {self.base_fingerprint}")
         self.aggregator = self._aggregator()
         self.secure = SecureRound(cfg, self.grid, self.aggregator) if cfg.secagg.name == "plus" else None
-        self.runlog = RunLog(run_dir, {"mode": "federated", "strategy": cfg.strategy.name, "labels": self.labels,
-                                       "test_examples": len(self.test), "finetune": cfg.finetune.name,
-                                       "base_fingerprint": self.base_fingerprint,
-                                       "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"},
-                             self.payload["history"] if self.payload is not None else None)
+        self.live = LivePage(cfg.live.port) if cfg.live.port is not None else None
+        if self.live is not None:
+            log.info("live page: %s", self.live.url)
+        self.connected, self.round_started = 0, time.time()
+        meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": self.labels,
+                "test_examples": len(self.test), "test_digest": D.rows_digest(test_raw), "finetune": cfg.finetune.name,
+                "base_fingerprint": self.base_fingerprint, "live_page": self.live.url if self.live else None,
+                "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}
+        self.runlog = RunLog(run_dir, meta, self.payload["history"] if self.payload is not None else None,
+                             open_tracker(cfg, run_dir, "federated"))
 
     def _aggregator(self) -> Aggregator:
         cfg, private = self.cfg, self.cfg.privacy.name != "none"
@@ -88,10 +95,17 @@ class Federation:
         return T.evaluate(self.model, self.test, self.tokenizer, self.cfg.train, self.gains)
 
     def checkpoint(self, rnd: int, weights: dict[str, Any]) -> None:
-        """Write round rnd's checkpoint (atomic)."""
+        """Write round rnd's checkpoint (atomic), then delete those checkpoint.keep_last and best_metric let go."""
         C.save(self.ckpt_dir / f"round_{rnd}.pt", server_round=rnd, weights=weights, config_json=self.cfg_json,
                strategy_state=self.aggregator.state(), history=self.runlog.rounds,
                base_fingerprint=self.base_fingerprint)
+        keep = self.cfg.checkpoint
+        best: set[int] = set()
+        if keep.best_metric:
+            best = {C.best_round(self.runlog.rounds, keep.best_metric, keep.best_mode)}
+            self.runlog.write(best_checkpoint={"round": min(best), "metric": keep.best_metric,
+                                               "mode": keep.best_mode})
+        C.prune(self.ckpt_dir, keep.keep_last, best)
 
     def start(self) -> tuple[ArrayRecord, int]:
         """The global state and the first round to run: after the last checkpoint, or round 0 evaluated."""
@@ -107,7 +121,18 @@ class Federation:
             self.runlog.add({"round": 0, "server": self.server_eval(weights), "seconds": time.time() - t0})
             self.checkpoint(0, weights)
         self.runlog.write(status="running")
+        self.show("running", start, "starting")
         return wire.to_arrays(weights), start
+
+    def show(self, state: str, rnd: int, phase: str) -> None:
+        """Publish where the run is to the live page (when there is one)."""
+        if self.live is None:
+            return
+        spent = self.aggregator.privacy_spent() if self.cfg.privacy.name != "none" else None
+        self.live.publish(status(self.runlog.rounds, title=str(self.runlog.meta.get("title", "")), state=state,
+                                 rnd=rnd, num_rounds=self.cfg.strategy.num_rounds, phase=phase,
+                                 connected=self.connected, round_seconds=time.time() - self.round_started,
+                                 epsilon=(spent or {}).get("epsilon")))
 
     def check_bases(self, reasons: list[str]) -> None:
         """Stop the run when a merchant holds another frozen base: a federation over different bases is void."""
@@ -132,7 +157,8 @@ class Federation:
         retries = self.cfg.strategy.round_retries
         failed: list[TrainReport] = []
         while True:
-            self.grid.get_node_ids()  # identifies merchants that joined since: a foreign base stops the run here
+            # identifies merchants that joined since: a foreign base stops the run here
+            self.connected = len(list(self.grid.get_node_ids()))
             self.check_bases([])
             if self.secure is not None:
                 result = self.secure.run(rnd, arrays, config)
@@ -155,7 +181,8 @@ class Federation:
 
     def run_round(self, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         """Train, evaluate, record and checkpoint round rnd; returns the new global state."""
-        t0 = time.time()
+        t0 = self.round_started = time.time()
+        self.show("running", rnd, "training")
         result, failed = self.train_round(rnd, arrays)
         if self.cfg.strategy.evaluate_with_train:
             # These replies evaluated the model they received: the global model of the previous round.
@@ -167,6 +194,7 @@ class Federation:
         else:
             arrays = result.arrays
         last = rnd == self.cfg.strategy.num_rounds
+        self.show("running", rnd, "evaluating")
         evaluation = self.evaluate_round(rnd, arrays) if last or not self.cfg.strategy.evaluate_with_train else None
         weights = wire.from_arrays(arrays)
         server = self.server_eval(weights)
@@ -189,7 +217,9 @@ class Federation:
         extra: dict[str, Any] = {"privacy": self.aggregator.privacy_spent()} if self.cfg.privacy.name != "none" else {}
         if stopped is not None:
             extra["stopped"] = stopped
-        self.runlog.write(status="stopped_privacy_budget" if stopped else "completed", final=final, **extra)
+        state = "stopped_privacy_budget" if stopped else "completed"
+        self.runlog.write(status=state, final=final, **extra)
+        self.show(state, self.runlog.rounds[-1]["round"], "done")
         self.runlog.close()
         return dict(final)
 
@@ -197,4 +227,9 @@ class Federation:
 def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path, roster: Roster | None = None) -> dict[str, Any]:
     """Run (or resume) a federation on `grid` (Flower's patches applied first); the final server metrics."""
     flower_patches.apply()
-    return Federation(grid, cfg, run_dir, roster).run()
+    federation = Federation(grid, cfg, run_dir, roster)
+    try:
+        return federation.run()
+    finally:
+        if federation.live is not None:
+            federation.live.close()

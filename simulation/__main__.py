@@ -15,6 +15,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from common import logs  # noqa: E402
 from common.config import FedshopConfig  # noqa: E402
 from common.errors import FedshopError  # noqa: E402
 
@@ -74,7 +75,9 @@ def _federate(cfg: FedshopConfig, run_dir: Path, names: list[str], sizes: list[i
         log.info("%s", ray_line)
         # Flower's RayBackend uses the initialised Ray as it is (its init_args would only apply to a Ray of its own)
         roster = Roster(record_simulated_nodes(), names, sizes)
-        run_simulation(server_app=build_server_app(cfg, run_dir, roster), client_app=build_client_app(cfg),
+        # Merchants' lines (one per message) and their warnings: <run dir>/merchants.log, not the console
+        run_simulation(server_app=build_server_app(cfg, run_dir, roster),
+                       client_app=build_client_app(cfg, run_dir / "merchants.log"),
                        num_supernodes=cfg.simulation.num_merchants,
                        backend_config={"client_resources": {"num_cpus": cfg.simulation.client_cpus,
                                                             "num_gpus": cfg.simulation.client_gpus}})
@@ -84,6 +87,7 @@ def _federate(cfg: FedshopConfig, run_dir: Path, names: list[str], sizes: list[i
 def main(cfg_raw: DictConfig) -> float:
     """Hydra entry point; a user-fixable error prints one line and exits with status 2."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    logs.warnings_to_log()
     try:
         final = run(cfg_raw, run_dir)
     except FedshopError as exc:

@@ -15,6 +15,7 @@ from common import train as T
 from common import wire
 from common.config import FedshopConfig
 from common.results import RunLog
+from common.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ def run_centralized(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
     pooled = M.tokenize(fd.pooled_train, tokenizer, cfg.train.max_length, cfg.data.num_proc)
     runlog = RunLog(run_dir, {"mode": "centralized", "labels": fd.labels, "train_examples": len(pooled),
-                              "test_examples": len(fd.test), "title": f"fedshop centralized, {cfg.model.name}"})
+                              "test_examples": len(fd.test), "test_digest": D.rows_digest(fd.test),
+                              "title": f"fedshop centralized, {cfg.model.name}"},
+                    tracker=open_tracker(cfg, run_dir, "centralized"))
     runlog.add({"round": 0, "server": T.evaluate(model, test, tokenizer, cfg.train, gains), "seconds": 0.0})
     for rnd in range(1, cfg.strategy.num_rounds + 1):
         t0 = time.time()
@@ -76,8 +79,10 @@ def run_alone(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
         if k == largest:
             M.save_final(model, tokenizer, fd.labels, run_dir / "model")
     runlog = RunLog(run_dir, {"mode": "alone", "labels": fd.labels, "test_examples": len(fd.test),
+                              "test_digest": D.rows_digest(fd.test),
                               "merchants": fd.names, "model": f"largest merchant: {fd.names[largest]}",
-                              "title": f"fedshop merchants alone, {cfg.model.name}"})
+                              "title": f"fedshop merchants alone, {cfg.model.name}"},
+                    tracker=open_tracker(cfg, run_dir, "alone"))
     for rnd, scores in enumerate(per_round):
         keys = [k for k in scores[0] if k != wire.NUM_EXAMPLES]
         mean = {k: float(np.average([s[k] for s in scores], weights=sizes)) for k in keys}

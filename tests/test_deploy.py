@@ -71,7 +71,14 @@ def test_insecure_server_and_three_merchants(deployment, tmp_path):
         # Context.state survives the per-message task processes: round 2 reads what round 1 wrote.
         assert {x["rounds_trained"] for x in r["replied"]} == {r["round"]}
     assert (d.run_dir / "model" / "config.json").is_file()
-    assert "round 2 |" in d.log("server")
+    # The consoles: the server one line a round; each merchant one line a message it handled.
+    server_lines = d.log("server", full=True).splitlines()
+    assert [sum(f"round {r} |" in line for line in server_lines) for r in range(3)] == [1, 1, 1], server_lines
+    for i in range(3):
+        lines = [line for line in d.log(f"m{i}", full=True).splitlines() if f"merchant_0{i} " in line]
+        said = [line.split(f"merchant_0{i} ", 1)[1].split(":")[0] for line in lines]
+        assert said == ["query", "round 1 train", "round 2 train", "round 2 evaluate"], lines
+        assert all(" examples, " in line and " s" in line for line in lines[1:]), lines
     # Every message ran in a process forked from the merchant's warm fork server: query, train x 2, final evaluate.
     for i in range(3):
         executor_log = (d.root / f"m{i}" / "executor.log").read_text()

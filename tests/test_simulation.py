@@ -52,7 +52,9 @@ def test_federated_simulation_learns_and_writes_run_directory(fed_run):
         assert {x["rounds_trained"] for x in r["replied"]} == {r["round"]}
     # one concise line per round on the console
     assert sum("| acc " in line for line in output.splitlines()) == 3
-    for name in ("checkpoints/round_0.pt", "checkpoints/round_2.pt", "metrics.png", "model/config.json",
+    # checkpoint.keep_last=2: round 0's checkpoint went once round 2's was written
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_1.pt", "round_2.pt"]
+    for name in ("metrics.png", "model/config.json",
                  "model/fedshop_labels.json", ".hydra/config.yaml", "resolved_config.yaml"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
@@ -150,20 +152,6 @@ def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
         assert reloaded(**enc).logits.shape == (1, len(fd.labels))
 
 
-def test_centralized_and_alone_baselines(tmp_path):
-    common_args = [*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=1"]
-    for mode in ("centralized", "alone"):
-        cwd = tmp_path / mode
-        cwd.mkdir()
-        proc = run_cli("simulation", [*common_args, f"mode={mode}"], cwd)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results = json.loads((only_run_dir(cwd) / "results.json").read_text())
-        assert results["mode"] == mode and results["status"] == "completed"
-        assert 0.0 <= results["final"]["accuracy"] <= 1.0
-        if mode == "alone":
-            assert sorted(results["per_merchant"]) == ["merchant_00", "merchant_01", "merchant_02"]
-
-
 def test_multirun_sweep_writes_summary(tmp_path):
     proc = run_cli("simulation", ["-m", *TINY_REVIEWS, "simulation.num_merchants=2", "strategy.num_rounds=1,2",
                                   "strategy.min_available_nodes=2"], tmp_path)
@@ -179,17 +167,36 @@ def test_multirun_sweep_writes_summary(tmp_path):
         assert (sweep_dirs[0] / job / "results.json").is_file()
 
 
-def test_bring_your_own_csv_with_custom_columns(tmp_path):
-    path = write_csv(tmp_path / "my shop data.csv", rows(120))
-    args = [*TINY, "data=csv", f"data.path='{path}'", "data.columns.text=search_term", "data.columns.text_pair=title",
-            "data.columns.label=grade", "data.columns.merchant=shop", "data.columns.query_id=qid",
-            "simulation.num_merchants=2", "strategy.num_rounds=1"]
-    proc = run_cli("simulation", args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
-    assert results["merchants"] == ["shop_0", "shop_1"]
-    assert results["labels"] == ["complement", "exact", "irrelevant", "substitute"]
-    assert "ndcg@10" in results["final"]
+def test_bring_your_own_csv_and_test_file_score_the_same_rows_in_every_mode(tmp_path):
+    """data.test_path: federated, centralized and alone are all scored on the file's rows, and no row of the
+    training file is held out for testing (its rows all go to the merchants' train and validation splits)."""
+    train = write_csv(tmp_path / "my shop data.csv", rows(120))
+    test = write_csv(tmp_path / "held out.csv", [{**r, "search_term": f"other {r['search_term']}"} for r in rows(48)])
+    args = [*TINY, "data=csv", f"data.path='{train}'", f"data.test_path='{test}'", "data.columns.text=search_term",
+            "data.columns.text_pair=title", "data.columns.label=grade", "data.columns.merchant=shop",
+            "data.columns.query_id=qid", "simulation.num_merchants=2", "strategy.num_rounds=1"]
+    found = {}
+    for mode in ("federated", "centralized", "alone"):
+        cwd = tmp_path / mode
+        cwd.mkdir()
+        proc = run_cli("simulation", [*args, f"mode={mode}"], cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"{mode}: 2 merchants" in proc.stdout and ", 48 test examples" in proc.stdout, proc.stdout
+        found[mode] = json.loads((only_run_dir(cwd) / "results.json").read_text())
+        assert found[mode]["status"] == "completed" and "ndcg@10" in found[mode]["final"]
+    assert {r["test_examples"] for r in found.values()} == {48}
+    assert len({r["test_digest"] for r in found.values()}) == 1
+    from common import data as D
+    from common.config import compose
+
+    cfg = compose([a.replace("'", "") for a in args])
+    fd = D.prepare(cfg)
+    assert D.rows_digest(fd.test) == found["federated"]["test_digest"]
+    assert sum(len(t) + len(v) for t, v in zip(fd.train, fd.val, strict=True)) == 120  # nothing carved out
+    assert found["federated"]["merchants"] == ["shop_0", "shop_1"]
+    assert found["federated"]["labels"] == ["complement", "exact", "irrelevant", "substitute"]
+    assert found["centralized"]["train_examples"] == sum(len(t) for t in fd.train)
+    assert sorted(found["alone"]["per_merchant"]) == ["shop_0", "shop_1"]
 
 
 def test_bad_input_is_one_line_and_nonzero(tmp_path):
