@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import assert_replies_carry_no_data, run_cli
-from tests.deploy_helpers import BASE, Deployment
+from tests.deploy_helpers import BASE, Deployment, free_port
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +58,48 @@ def assert_completed(d: Deployment, rounds: int = 2) -> dict:
     return results
 
 
+def wait_live_status(url: str, d: Deployment, timeout: float = 300) -> dict:
+    """The live page's status once round 1 is done (the run is still on: round 2 takes seconds more)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                status = json.load(resp)
+            if status.get("rounds_done", 0) >= 1:
+                return dict(status)
+        except OSError:
+            pass
+        assert d.server is not None and d.server.poll() is None, d.log("server")
+        time.sleep(0.2)
+    raise AssertionError(f"the live page never showed round 1:\n{d.log('server')}")
+
+
+def assert_tracked_in_mlflow(uri: str, results: dict) -> None:
+    """The ServerApp logged the run to MLflow: config, every round's server metrics, the model."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(results["tracking"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["finetune.name"] == "lora"
+    history = client.get_metric_history(run.info.run_id, "server/accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model", "adapter", "results.json"}
+
+
 def test_insecure_server_and_three_merchants(deployment, tmp_path):
     """LoRA over gRPC: three merchant processes, the adapters (and head) the only arrays that travel."""
     from common import checkpoint as C
 
     d = deployment
-    d.start_server(*LORA)
+    live = free_port()
+    d.start_server(*LORA, f"live.port={live}", "tracking=mlflow", f"tracking.local_dir={tmp_path}/mlruns")
     for i in range(3):
         d.start_merchant(i, *LORA)
+    status = wait_live_status(f"http://127.0.0.1:{live}/status", d)  # served by the ServerApp process
+    assert status["connected"] == 3 and status["num_rounds"] == 2 and status["rounds"][1]["bytes_up"] > 0
     assert d.wait_server() == 0, d.log("server")
     results = assert_completed(d)
+    assert_tracked_in_mlflow(f"sqlite:///{tmp_path}/mlruns/mlflow.db", results)
     assert results["merchants"] == ["merchant_00", "merchant_01", "merchant_02"]
     for r in results["rounds"][1:]:
         assert len(r["replied"]) == 3 and r["dropped"] == []

@@ -1,5 +1,6 @@
-"""One tracked simulation: a real MLflow server (SQLite), the live page in a real headless browser, bounded
-checkpoints, a quiet console and one line per merchant message."""
+"""One tracked simulation with LoRA and float16 on the wire: a real MLflow server (SQLite), the live page in a
+real headless browser, bounded checkpoints, a quiet console, one line per merchant message, and only
+half-precision adapters on the wire."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.browser import Browser, chromium_path
-from tests.conftest import ROOT, TINY_REVIEWS
+from tests.conftest import ROOT, TINY_REVIEWS, assert_replies_carry_no_data
 from tests.deploy_helpers import free_port
 
 ROUNDS = 3
@@ -59,12 +60,14 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tracked(mlflow_server, tmp_path_factory) -> dict[str, Any]:
-    """A 3-round simulation tracked in MLflow; while it runs, a headless Chromium loads its live page."""
+    """A 3-round LoRA simulation (float16 on the wire) tracked in MLflow; while it runs, a headless Chromium loads
+    its live page."""
     chromium_path()
     cwd = tmp_path_factory.mktemp("tracked")
     live = free_port()
     args = [*TINY_REVIEWS, "simulation.num_merchants=3", f"strategy.num_rounds={ROUNDS}", "tracking=mlflow",
             f"tracking.uri={mlflow_server}", "tracking.experiment=fedshop-test", f"live.port={live}",
+            "finetune=lora", "strategy.wire_dtype=float16", "train.lr=5e-3",
             "checkpoint.best_metric=accuracy", f"hydra.run.dir={cwd / 'run'}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("FLWR_HOME", None)
@@ -159,3 +162,29 @@ def test_console_is_one_line_a_round_and_merchants_log_one_line_a_message(tracke
     assert len(train) == 3 * ROUNDS
     assert all(" examples, " in line and ", loss " in line for line in train)
     assert sum(" evaluate: " in line for line in merchants) == 3  # the last round's federated evaluation
+
+
+def test_lora_with_float16_on_the_wire_sends_only_half_precision_adapters(tracked):
+    """finetune=lora + strategy.wire_dtype=float16: only the adapters and the head travel, as float16 both ways;
+    the server keeps and checkpoints them in float32; the merged model and the peft adapter are written."""
+    from common import checkpoint as C
+    from common import model as M
+    from common.config import compose
+
+    run_dir = tracked["run_dir"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed" and results["finetune"] == "lora"
+    exchanged = C.load(run_dir / "checkpoints" / f"round_{ROUNDS}.pt")["weights"]
+    assert {str(v.dtype) for v in exchanged.values()} == {"float32"}
+    assert all(".lora_" in k or ".modules_to_save." in k for k in exchanged)
+    size = 2 * sum(v.size for v in exchanged.values())  # float16 bytes of the exchanged arrays
+    cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=3"])
+    full = 4 * sum(p.numel() for p in M.build_model(cfg.model, results["labels"], cfg.seed, cfg.finetune).parameters())
+    for r in results["rounds"][1:]:
+        assert all(size <= x["bytes_up"] <= size + 2000 and size <= x["bytes_down"] <= size + 2000
+                   for x in r["replied"])
+        assert all(x["bytes_up"] < full / 50 for x in r["replied"])
+    counts = assert_replies_carry_no_data(run_dir, wire_dtype="float16")
+    assert counts["train"] == 3 * ROUNDS
+    assert (run_dir / "model" / "config.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert results["rounds"][ROUNDS]["server"]["loss"] < results["rounds"][0]["server"]["loss"]

@@ -126,19 +126,22 @@ def watched_run(tmp_path_factory) -> dict[str, Any]:
     seen: dict[tuple[str, int], str] = {}
     probed: dict[int, str] = {}
     wide: dict[str, bool] = {}
+    live = free_port()  # the live page (server/live.py): loopback too, and no Ray port
 
     def watch(root: psutil.Process) -> None:
         now = listening(root)
         seen.update(now)
         if not probed and any(ACTOR in name for name in now.values()):
             for (_, port), name in now.items():
-                probed[port] = f"{name}: {refuses_without_token(port, token)}"
+                if port != live:
+                    probed[port] = f"{name}: {refuses_without_token(port, token)}"
                 wide.update({f"{a}:{port}": refused_tcp(a, port) for a in other_addresses()})
 
     proc, results = simulate([*TINY_REVIEWS, "simulation.num_merchants=2", "simulation.client_cpus=1",
-                              "strategy.num_rounds=3"], cwd, clean_env(RAY_AUTH_TOKEN=token), watch)
+                              "strategy.num_rounds=3", f"live.port={live}"], cwd, clean_env(RAY_AUTH_TOKEN=token),
+                             watch)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    return {"seen": seen, "probed": probed, "wide": wide, "results": results, "output": proc.stdout}
+    return {"seen": seen, "probed": probed, "wide": wide, "results": results, "output": proc.stdout, "live": live}
 
 
 def test_simulation_listens_on_loopback_only(watched_run):
@@ -148,6 +151,7 @@ def test_simulation_listens_on_loopback_only(watched_run):
     assert {"gcs_server", "raylet"} <= names and any(ACTOR in n for n in names), names
     wider = {f"{ip}:{port} ({name})" for (ip, port), name in seen.items() if ip not in LOOPBACK}
     assert not wider, wider
+    assert ("127.0.0.1", watched_run["live"]) in seen  # the live page, on loopback
     assert "Ray on 127.0.0.1 only, token authentication" in watched_run["output"]
 
 
@@ -155,7 +159,7 @@ def test_every_ray_port_refuses_a_caller_without_the_token(watched_run):
     """Each port the run's Ray listened on, probed while merchants ran: refused without the token (gRPC
     UNAUTHENTICATED or HTTP 401), served with it; from this machine's other addresses, nothing accepts at all."""
     probed, wide = watched_run["probed"], watched_run["wide"]
-    ray_ports = {port for (_, port), name in watched_run["seen"].items()}
+    ray_ports = {port for (_, port), name in watched_run["seen"].items() if port != watched_run["live"]}
     assert len(probed) >= 5 and set(probed) <= ray_ports, probed  # GCS, 2 raylet, agent, driver, actors
     assert any("gcs_server" in v for v in probed.values()) and any(ACTOR in v for v in probed.values())
     if other_addresses():
