@@ -339,7 +339,7 @@ def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shard
     finally:
         straight.close()
     (tmp_path / "crash").mkdir()
-    d = Deployment(tmp_path / "crash", shards, run)
+    d = Deployment(tmp_path / "crash", shards, [*run, "checkpoint.keep_last=1"])  # resume needs only the newest
     try:
         d.start_server()
         for i in range(3):
@@ -360,6 +360,7 @@ def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shard
     for key in a["weights"]:
         np.testing.assert_array_equal(a["weights"][key], b["weights"][key])
     assert [r["round"] for r in b["history"]] == [0, 1, 2, 3]
+    assert [p.name for p in (d.run_dir / "checkpoints").iterdir()] == ["round_3.pt"]
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
