@@ -63,7 +63,11 @@ class MlflowTracker:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, params: dict[str, str], tags: dict[str, str]) -> None:
         for key, value in ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        from mlflow.tracking import MlflowClient
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise FedshopError("tracking=mlflow needs MLflow in this environment: pip install -e '.[tracking]' "
+                               f"({exc})") from exc
 
         local = Path(cfg.local_dir or "mlruns").expanduser().resolve()
         if not cfg.uri:  # MLflow 3 refuses a plain directory as a store; a SQLite file in one it takes

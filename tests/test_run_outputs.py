@@ -103,3 +103,17 @@ def test_live_page_serves_html_and_status_on_loopback_and_moves_off_a_taken_port
             urllib.request.urlopen(first.url + "nothing", timeout=5)
     finally:
         first.close()
+
+
+def test_mlflow_missing_or_unreachable_is_one_clear_error(tiny_cfg, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from tests.deploy_helpers import free_port
+
+    cfg = replace(tiny_cfg, tracking=replace(tiny_cfg.tracking, name="mlflow", experiment="x",
+                                             uri=f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(FedshopError, match=r"tracking.uri=http://127.0.0.1:\d+: could not start an MLflow run"):
+        tracking.open_tracker(cfg, tmp_path, "federated")
+    monkeypatch.setitem(__import__("sys").modules, "mlflow.tracking", None)
+    with pytest.raises(FedshopError, match=r"tracking=mlflow needs MLflow .*pip install -e '.\[tracking\]'"):
+        tracking.open_tracker(cfg, tmp_path, "federated")
