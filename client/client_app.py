@@ -171,7 +171,7 @@ def _line(kind: str, merchant: Merchant, rnd: int, n: int, seconds: float, loss:
 def build_client_app(fixed_cfg: FedshopConfig | None = None, log_file: Path | None = None) -> ClientApp:
     """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run. Each
     message it handles appends a line to `log_file` (simulation) or to its node config's log file (python -m
-    client shows those); its Python warnings go to <that file>.warnings.log."""
+    client shows those); its Python warnings and Flower's lines go to the fedshop.log beside that file."""
     app = ClientApp()
 
     def config_of(context: Context) -> FedshopConfig:
@@ -196,8 +196,8 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None, log_file: Path | No
     @app.lifespan()
     def lifespan(context: Context) -> Iterator[None]:
         flower_patches.apply_clientapp()  # in whichever process runs the app (a Ray actor, a forked task)
-        if (path := log_of(context)) is not None:  # beside the message lines, not among them
-            logs.warnings_to_file(path.with_suffix(".warnings.log"))
+        if (path := log_of(context)) is not None:  # the run's fedshop.log, not among the message lines
+            logs.warnings_to_file(path.parent / "fedshop.log")
         yield
 
     # secagg=plus: SecAgg+ masks what the privacy mod (clipping, local noise) hands back.

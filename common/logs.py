@@ -7,6 +7,7 @@ merchant side appends one line per message it handles to a file its launcher sho
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -51,8 +52,8 @@ def warnings_to_file(path: Path) -> None:
     if str(path) in _WARNINGS_FILES:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, delay=True)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    handler = logging.FileHandler(path, delay=True)  # appends, as the launcher's own handler of that file does
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s][merchant pid {os.getpid()}][%(name)s] - %(message)s"))
     logger = logging.getLogger("py.warnings")
     logger.addHandler(handler)
     logger.propagate = False

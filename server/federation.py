@@ -230,6 +230,10 @@ def run_federated(grid: Grid, cfg: FedshopConfig, run_dir: Path, roster: Roster 
     federation = Federation(grid, cfg, run_dir, roster)
     try:
         return federation.run()
+    except BaseException:
+        if federation.runlog.tracker is not None:  # the MLflow run ends FAILED, with what the run directory has
+            federation.runlog.tracker.finish(run_dir, "failed")
+        raise
     finally:
         if federation.live is not None:
             federation.live.close()
