@@ -69,6 +69,7 @@ class Federation:
                                f"{self.payload.get('base_fingerprint')}, but this server's is {self.base_fingerprint}")
         self.aggregator = self._aggregator()
         self.secure = SecureRound(cfg, self.grid, self.aggregator) if cfg.secagg.name == "plus" else None
+        tracker = open_tracker(cfg, run_dir, "federated")  # before the page: a tracker that fails leaves no server
         self.live = LivePage(cfg.live.port) if cfg.live.port is not None else None
         if self.live is not None:
             log.info("live page: %s", self.live.url)
@@ -77,8 +78,7 @@ class Federation:
                 "test_examples": len(self.test), "test_digest": D.rows_digest(test_raw), "finetune": cfg.finetune.name,
                 "base_fingerprint": self.base_fingerprint, "live_page": self.live.url if self.live else None,
                 "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}
-        self.runlog = RunLog(run_dir, meta, self.payload["history"] if self.payload is not None else None,
-                             open_tracker(cfg, run_dir, "federated"))
+        self.runlog = RunLog(run_dir, meta, self.payload["history"] if self.payload is not None else None, tracker)
 
     def _aggregator(self) -> Aggregator:
         cfg, private = self.cfg, self.cfg.privacy.name != "none"
