@@ -1,27 +1,39 @@
-"""Privacy-utility curve: final accuracy / nDCG@10 at epsilon in {inf, 8, 4, 2, 1} (delta = 1e-5).
+"""Privacy-utility curves, side by side from one run: final accuracy, macro-F1 and nDCG@10 against epsilon.
 
-Central DP (server-side fixed clipping) on the default data and model, 10 merchants, every merchant every
-round (no sampling amplification). For each epsilon, the noise multiplier z is the smallest that keeps
-`rounds` rounds within it (found with the run's own accountant). The clipping norm C is the median update
-norm of the non-private run (recorded in its results.json), so clipping alone costs little and the curve
-shows the noise. Writes bench/results/privacy_utility.json and privacy_utility.png.
-Usage: python bench/privacy_utility.py [--rounds 3] [--epsilons 8 4 2 1] [extra Hydra overrides...]
+Same data, rounds, merchants and seeds for every row (10 merchants, every merchant every round):
+- `none/<finetune>`: no DP (epsilon = inf), LoRA and full fine-tuning.
+- `central/lora`: merchant-level DP (server-side fixed clipping). For each epsilon the noise multiplier is the
+  smallest that keeps the rounds within it (the run's own accountant); the clipping norm is the median update
+  norm of the non-private run, so clipping alone costs little and the curve shows the noise.
+- `example/<finetune>`: record-level DP-SGD on every merchant (privacy=example, Opacus), each merchant's noise
+  derived from target epsilon at delta = 1e-5 per merchant dataset; `epsilon_spent` is the largest any merchant
+  spent.
+The majority label's accuracy is the floor a model must clear. Rows are written to
+bench/results/privacy_utility.json as they finish (a long run keeps what it has measured); the plot is
+bench/results/privacy_utility.png.
+Usage: python bench/privacy_utility.py [--rounds 3] [--epochs 2] [--epsilons 8 4 2 1] [--full-epsilons 8 2]
+       [--only central,example/lora,...] [extra Hydra overrides...]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections import Counter
 from typing import Any
 
 from _util import RESULTS, run_simulation, table, write
 
+from common import data as D
 from common.config import compose
 from server.privacy import Ledger
 
+COLUMNS = ["setting", "target_epsilon", "epsilon_spent", "accuracy", "macro_f1", "ndcg@10", "noise_multiplier",
+           "seconds"]
+
 
 def noise_for(epsilon: float, rounds: int, population: int) -> float:
-    """Smallest noise multiplier (to 1e-3) whose `rounds` releases stay within epsilon at delta 1e-5."""
+    """Smallest merchant-level noise multiplier (to 1e-3) whose `rounds` releases stay within epsilon."""
     lo, hi = 0.05, 200.0
     while hi - lo > 1e-3:
         z = (lo + hi) / 2
@@ -33,56 +45,98 @@ def noise_for(epsilon: float, rounds: int, population: int) -> float:
     return hi
 
 
-def main() -> None:
-    """Run the non-private reference, then one central-DP run per epsilon; print, plot and write."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--merchants", type=int, default=10)
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 2.0, 1.0])
-    ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args()
-    base = [f"strategy.num_rounds={a.rounds}", f"simulation.num_merchants={a.merchants}", "train.progress=false",
-            *a.overrides]
-    reference = run_simulation(base)
-    norms = [r["update_norm"] for rnd in reference["results"]["rounds"][1:] for r in rnd["replied"]]
-    clip = statistics.median(norms)
-    final = reference["results"]["final"]
-    rows: list[dict[str, Any]] = [{"epsilon": "inf", "noise_multiplier": 0.0, "clipping_norm": None,
-                                   "accuracy": final["accuracy"], "macro_f1": final["macro_f1"],
-                                   "ndcg@10": final["ndcg@10"], "epsilon_spent": None,
-                                   "seconds": reference["wall_seconds"]}]
-    print(f"no DP: {final}; median update norm {clip:.4f} (min {min(norms):.4f}, max {max(norms):.4f})",
-          flush=True)
-    for eps in a.epsilons:
-        z = noise_for(eps, a.rounds, a.merchants)
-        out = run_simulation([*base, "privacy=central", f"privacy.noise_multiplier={z}",
-                              f"privacy.clipping_norm={clip}", f"privacy.target_epsilon={eps}"])
-        res = out["results"]
-        rows.append({"epsilon": eps, "noise_multiplier": z, "clipping_norm": clip,
-                     "accuracy": res["final"]["accuracy"], "macro_f1": res["final"]["macro_f1"],
-                     "ndcg@10": res["final"]["ndcg@10"], "epsilon_spent": res["privacy"]["epsilon"],
-                     "seconds": out["wall_seconds"]})
-        print(rows[-1], flush=True)
-    print(table(rows, list(rows[0])))
+def majority_accuracy(overrides: list[str]) -> float:
+    """Accuracy of always answering the test set's most frequent label."""
+    test, labels = D.load_test(compose(overrides))
+    counts = Counter(test["label"])
+    return max(counts.values()) / len(test)
+
+
+def row(setting: str, target: float | None, out: dict[str, Any], noise: float | None) -> dict[str, Any]:
+    """One table row from a run's results.json."""
+    res = out["results"]
+    final, privacy = res["final"], res.get("privacy") or {}
+    spent = privacy.get("epsilon", privacy.get("epsilon_max"))
+    return {"setting": setting, "preset": setting.split("/")[0], "finetune": setting.split("/")[1],
+            "target_epsilon": target, "epsilon_spent": spent, "accuracy": final["accuracy"],
+            "macro_f1": final["macro_f1"], "ndcg@10": final["ndcg@10"], "noise_multiplier": noise,
+            "seconds": out["wall_seconds"]}
+
+
+def plot(rows: list[dict[str, Any]], majority: float, title: str) -> None:
+    """Accuracy against epsilon per setting, the non-private runs and the majority label as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    private = rows[1:]
-    ax.plot([r["epsilon"] for r in private], [r["accuracy"] for r in private], "o-", label="central DP")
-    ax.axhline(rows[0]["accuracy"], color="grey", ls="--", label="no DP (epsilon = inf)")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for setting in dict.fromkeys(r["setting"] for r in rows if r["target_epsilon"] is not None):
+        points = sorted((r["target_epsilon"], r["accuracy"]) for r in rows if r["setting"] == setting)
+        ax.plot(*zip(*points, strict=True), "o-", label=setting)
+    for r in rows:
+        if r["target_epsilon"] is None:
+            ax.axhline(r["accuracy"], ls="--", lw=1, color="grey" if r["finetune"] == "lora" else "black",
+                       label=f"{r['setting']} (epsilon = inf)")
+    ax.axhline(majority, ls=":", color="red", label="majority label")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon (delta = 1e-5)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{a.merchants} merchants, {a.rounds} rounds")
-    ax.legend()
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / "privacy_utility.png", dpi=120)
-    print("written:", write("privacy_utility", {"overrides": base, "delta": 1e-5, "rows": rows,
-                                                "update_norms": norms}), RESULTS / "privacy_utility.png")
+    plt.close(fig)
+
+
+def main() -> None:
+    """Run every setting, printing and writing each row as it finishes; then plot."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--merchants", type=int, default=10)
+    ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 2.0, 1.0])
+    ap.add_argument("--full-epsilons", type=float, nargs="*", default=[8.0, 2.0],
+                    help="example/full is the slowest setting (ghost clipping over 22.7M weights)")
+    ap.add_argument("--only", default="none/lora,central/lora,example/lora,none/full,example/full")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    base = [f"strategy.num_rounds={a.rounds}", f"train.local_epochs={a.epochs}",
+            f"simulation.num_merchants={a.merchants}", "train.progress=false", "live.port=null", *a.overrides]
+    only = a.only.split(",")
+    majority = majority_accuracy(base)
+    rows: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {"overrides": base, "delta": 1e-5, "majority_accuracy": majority, "rows": rows}
+
+    def record(r: dict[str, Any]) -> None:
+        rows.append(r)
+        print({k: r[k] for k in COLUMNS}, flush=True)
+        write("privacy_utility", doc)
+
+    reference: dict[str, Any] | None = None
+    for finetune in ("lora", "full"):
+        if f"none/{finetune}" in only or (finetune == "lora" and "central/lora" in only):
+            out = run_simulation([*base, f"finetune={finetune}"])
+            record(row(f"none/{finetune}", None, out, None))
+            reference = out if finetune == "lora" else reference
+        if finetune == "lora" and "central/lora" in only and reference is not None:
+            norms = [r["update_norm"] for rnd in reference["results"]["rounds"][1:] for r in rnd["replied"]]
+            clip = statistics.median(norms)
+            doc["central_clipping_norm"] = clip
+            for eps in a.epsilons:
+                z = noise_for(eps, a.rounds, a.merchants)
+                out = run_simulation([*base, "finetune=lora", "privacy=central", f"privacy.noise_multiplier={z}",
+                                      f"privacy.clipping_norm={clip}", f"privacy.target_epsilon={eps}"])
+                record(row("central/lora", eps, out, z))
+        if f"example/{finetune}" in only:
+            for eps in a.epsilons if finetune == "lora" else a.full_epsilons:
+                out = run_simulation([*base, f"finetune={finetune}", "privacy=example",
+                                      f"privacy.target_epsilon={eps}"])
+                record(row(f"example/{finetune}", eps, out, None))
+    print(table(rows, COLUMNS))
+    print(f"majority label accuracy {majority:.4f}")
+    plot(rows, majority, f"{a.merchants} merchants, {a.rounds} rounds x {a.epochs} epochs")
+    print("written:", RESULTS / "privacy_utility.json", RESULTS / "privacy_utility.png")
 
 
 if __name__ == "__main__":

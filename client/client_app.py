@@ -23,13 +23,13 @@ from transformers import PreTrainedTokenizerBase
 
 from client import flower_patches
 from client.secure import secure_mod
-from common import attacks, exchange, logs, wire
+from common import attacks, dp, exchange, logs, wire
 from common import data as D
 from common import model as M
 from common import train as T
 from common.config import FedshopConfig, from_run_config
 from common.errors import FedshopError
-from common.merchant_state import MerchantState
+from common.merchant_state import MerchantState, RecordBudget
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +143,45 @@ def _privacy_mod(config_of: Callable[[Context], FedshopConfig]) -> Mod:
     return privacy
 
 
-def _train(cfg: FedshopConfig, merchant: Merchant, ins: wire.Instruction, context: Context) -> wire.TrainReply:
-    """Evaluate the received model (when asked), fine-tune it locally, and say what was learnt."""
+def _record_dp(cfg: FedshopConfig, merchant: Merchant, server_round: int,
+               budget: RecordBudget) -> dp.RecordDP | wire.Declined:
+    """privacy=example: this round's DP-SGD, or a decline when it would take the merchant past its budget."""
+    p = cfg.privacy
+    plan = dp.plan_round(p, cfg.train.batch_size, cfg.train.local_epochs, len(merchant.train), budget.history,
+                         cfg.strategy.num_rounds - server_round + 1)
+    if p.target_epsilon is not None and plan.epsilon_after > p.target_epsilon:
+        reason = (f"{merchant.name}: training round {server_round} would take epsilon on its records from "
+                  f"{plan.epsilon_before:.4f} to {plan.epsilon_after:.4f}, past privacy.target_epsilon="
+                  f"{p.target_epsilon:g} (delta {p.delta:g})")
+        log.warning("%s", reason)
+        return wire.Declined(merchant.index, reason, plan.epsilon_before)
+    mode = p.grad_sample_mode if p.grad_sample_mode != "auto" else "ghost" if cfg.finetune.name == "full" else "hooks"
+    return dp.RecordDP(plan.noise_multiplier, p.clipping_norm, list(budget.history), mode)
+
+
+def _train(cfg: FedshopConfig, merchant: Merchant, ins: wire.Instruction, context: Context,
+           budget_file: Path | None) -> wire.TrainReply | wire.Declined:
+    """Evaluate the received model (when asked), fine-tune it locally (DP-SGD under privacy=example, or decline
+    when the merchant's budget is spent), and say what was learnt."""
+    private, budget = None, RecordBudget.load(context.state, budget_file) if cfg.privacy.record_level else None
+    if budget is not None:
+        planned = _record_dp(cfg, merchant, ins.server_round, budget)
+        if isinstance(planned, wire.Declined):
+            return planned
+        private = planned
     evaluated: dict[str, float] = {}
     if ins.evaluate_first:  # the received global model, before training changes it (strategy.evaluate_with_train)
         evaluated = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
     seed = cfg.seed * 1_000_003 + ins.server_round * 1009 + merchant.index
     metrics = T.train(merchant.model, merchant.train, merchant.tokenizer, cfg.train, cfg.train.local_epochs,
-                      seed, proximal_mu=ins.proximal_mu, desc=f"{merchant.name} round {ins.server_round}")
+                      seed, proximal_mu=ins.proximal_mu, desc=f"{merchant.name} round {ins.server_round}", dp=private)
+    spent = None
+    if budget is not None and private is not None:
+        spent = dp.epsilon(private.history, cfg.privacy.delta)
+        budget.history = private.history
+        budget.rounds.append({"round": ins.server_round, "epsilon": spent,
+                              "noise_multiplier": private.noise_multiplier})
+        budget.save(context.state, budget_file)
     n = int(metrics.pop(wire.NUM_EXAMPLES))
     arrays = exchange.extract(merchant.model)
     if merchant.index in cfg.simulation.attackers:  # robustness tests only
@@ -159,7 +190,7 @@ def _train(cfg: FedshopConfig, merchant: Merchant, ins: wire.Instruction, contex
     state = MerchantState.load(context.state).trained(ins.server_round, n * cfg.train.local_epochs)
     state.save(context.state)
     return wire.TrainReply(wire.cast(wire.to_arrays(arrays), cfg.strategy.wire_dtype), n, merchant.index,
-                           state.rounds_trained, metrics, evaluated)
+                           state.rounds_trained, metrics, evaluated, spent)
 
 
 def _line(kind: str, merchant: Merchant, rnd: int, n: int, seconds: float, loss: float | None) -> str:
@@ -205,9 +236,14 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None, log_file: Path | No
     def train(msg: Message, context: Context) -> Message:
         t0 = time.time()
         cfg, merchant, ins = receive(msg, context)
-        reply = _train(cfg, merchant, ins, context)
-        note(context, _line("train", merchant, ins.server_round, reply.num_examples, time.time() - t0,
-                            reply.metrics.get(wire.TRAIN_LOSS)))
+        path = log_of(context)
+        reply = _train(cfg, merchant, ins, context, path.parent / "privacy" / f"{merchant.name}.json" if path else None)
+        if isinstance(reply, wire.Declined):
+            note(context, f"{merchant.name} round {ins.server_round} declined: {reply.reason}")
+        else:
+            note(context, _line("train", merchant, ins.server_round, reply.num_examples, time.time() - t0,
+                                reply.metrics.get(wire.TRAIN_LOSS))
+                 + ("" if reply.record_epsilon is None else f", epsilon {reply.record_epsilon:.4f}"))
         return Message(content=reply.to_content(), reply_to=msg)
 
     @app.evaluate()

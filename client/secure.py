@@ -32,6 +32,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from common import wire
 from common.config import FedshopConfig
+from common.errors import FedshopError
 
 
 def _bridge(msg: Message, context: Context, call_next: ClientAppCallable, cfg: FedshopConfig) -> Message:
@@ -44,12 +45,16 @@ def _bridge(msg: Message, context: Context, call_next: ClientAppCallable, cfg: F
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
+    if (declined := wire.Declined.from_content(reply.content)) is not None:
+        # SecAgg+ has no way to say "no update": the merchant leaves the round, which the protocol survives
+        # as a dropout (its masks are rebuilt from the shares of the others).
+        raise FedshopError(f"declined: {declined.reason}")
     trained = wire.TrainReply.from_content(reply.content)
     update = [trained.arrays[k].numpy() - received[k] for k in names]
     clipped = int(sum(np.count_nonzero(np.abs(u) > cfg.secagg.clipping_range) for u in update))
     metrics: dict[str, Any] = {**trained.to_content().metric_records[wire.METRICS], wire.SECAGG_CLIPPED: clipped}
     fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(update),
-                    num_examples=wire.aggregation_weight(cfg.privacy.name != "none", trained.num_examples),
+                    num_examples=wire.aggregation_weight(cfg.privacy.merchant_level, trained.num_examples),
                     metrics=metrics)
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 

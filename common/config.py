@@ -18,7 +18,8 @@ from common.errors import FedshopError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # conf/ may derive one value from another: `${times:2,${.noise_multiplier}}`.
-OmegaConf.register_new_resolver("times", lambda a, b: float(a) * float(b), replace=True)
+# A null factor (privacy=example's noise_multiplier) gives 0.0: the value is then unused (validate() checks).
+OmegaConf.register_new_resolver("times", lambda a, b: 0.0 if b is None else float(a) * float(b), replace=True)
 
 
 @dataclass
@@ -146,9 +147,9 @@ class StrategyConfig:
 class PrivacyConfig:
     """Differential privacy preset (conf/privacy): clipping, noise, accounting and an epsilon budget."""
 
-    name: str = MISSING  # none | central | central_adaptive | client | local
+    name: str = MISSING  # none | central | central_adaptive | client | local | example
     clipping_norm: float = MISSING
-    noise_multiplier: float = MISSING
+    noise_multiplier: float | None = MISSING  # null (example only): derived from target_epsilon
     delta: float = MISSING
     target_epsilon: float | None = None
     population: int | None = None
@@ -157,6 +158,17 @@ class PrivacyConfig:
     clipped_count_stddev: float = MISSING
     local_epsilon: float = MISSING
     local_delta: float = MISSING
+    grad_sample_mode: str = MISSING  # example: auto | hooks | ghost
+
+    @property
+    def merchant_level(self) -> bool:
+        """A preset that protects whole merchants: clipped, noised, unweighted means of their updates."""
+        return self.name in MERCHANT_LEVEL
+
+    @property
+    def record_level(self) -> bool:
+        """privacy=example: DP-SGD on every merchant's own records, accounted by the merchant."""
+        return self.name == "example"
 
 
 @dataclass
@@ -325,7 +337,8 @@ STRATEGY_FIELDS = {"fedprox": ("proximal_mu",), "fedadam": ("eta", "eta_l", "bet
                    "fedtrimmedavg": ("beta",), "krum": ("num_malicious_nodes",),
                    "multikrum": ("num_malicious_nodes", "num_nodes_to_select")}
 WIRE_DTYPES = ("float32", "float16")
-PRIVACY = ("none", "central", "central_adaptive", "client", "local")
+MERCHANT_LEVEL = ("central", "central_adaptive", "client", "local")
+PRIVACY = ("none", *MERCHANT_LEVEL, "example")
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -445,11 +458,11 @@ def _validate_simulation(cfg: FedshopConfig) -> None:
 
 
 def _validate_privacy(cfg: FedshopConfig) -> None:
-    s = cfg.strategy
     dp = cfg.privacy
     _check(dp.name in PRIVACY, "privacy.name", dp.name, "|".join(PRIVACY))
     _check(dp.clipping_norm > 0, "privacy.clipping_norm", dp.clipping_norm, "> 0")
-    _check(dp.noise_multiplier > 0, "privacy.noise_multiplier", dp.noise_multiplier, "> 0")
+    _check(dp.noise_multiplier is None or dp.noise_multiplier >= 0, "privacy.noise_multiplier",
+           dp.noise_multiplier, ">= 0 or null")
     _check(0.0 < dp.delta < 1.0, "privacy.delta", dp.delta, "in (0, 1)")
     _check(dp.target_epsilon is None or dp.target_epsilon > 0, "privacy.target_epsilon", dp.target_epsilon,
            "> 0 or null")
@@ -460,8 +473,29 @@ def _validate_privacy(cfg: FedshopConfig) -> None:
     _check(dp.clipped_count_stddev >= 0, "privacy.clipped_count_stddev", dp.clipped_count_stddev, ">= 0")
     _check(dp.local_epsilon > 0, "privacy.local_epsilon", dp.local_epsilon, "> 0")
     _check(0.0 < dp.local_delta < 1.0, "privacy.local_delta", dp.local_delta, "in (0, 1)")
-    _check(dp.name == "none" or s.name in {"fedavg", "fedprox"}, "strategy.name", s.name,
-           f"fedavg or fedprox with privacy={dp.name} (its noise is calibrated to a mean of clipped updates)")
+    _check(dp.grad_sample_mode in {"auto", "hooks", "ghost"}, "privacy.grad_sample_mode", dp.grad_sample_mode,
+           "auto|hooks|ghost")
+    if dp.merchant_level:
+        _check(dp.noise_multiplier is not None and dp.noise_multiplier > 0, "privacy.noise_multiplier",
+               dp.noise_multiplier, f"> 0 with privacy={dp.name}")
+        _check(cfg.strategy.name in {"fedavg", "fedprox"}, "strategy.name", cfg.strategy.name,
+               f"fedavg or fedprox with privacy={dp.name} (its noise is calibrated to a mean of clipped updates)")
+    if dp.record_level:
+        _validate_record_level(cfg)
+
+
+def _validate_record_level(cfg: FedshopConfig) -> None:
+    """What privacy=example combines with: every strategy and SecAgg+ (they only post-process the merchants'
+    DP-SGD models); not FedProx, whose proximal term is not a per-example loss, and only in a federation."""
+    dp = cfg.privacy
+    _check(dp.noise_multiplier is None and dp.target_epsilon is not None or bool(dp.noise_multiplier),
+           "privacy.noise_multiplier", dp.noise_multiplier,
+           "> 0, or null with privacy.target_epsilon set (the noise is derived from it)")
+    _check(cfg.strategy.name != "fedprox", "strategy.name", cfg.strategy.name,
+           "not fedprox with privacy=example: FedProx's proximal term is a gradient Opacus does not clip per "
+           "example, so DP-SGD would drop it")
+    _check(cfg.mode == "federated", "mode", cfg.mode,
+           "federated with privacy=example: its budget is accounted by each merchant on its own records")
 
 
 def _validate_serving(v: ServingConfig) -> None:
@@ -506,8 +540,8 @@ def _validate_secagg(cfg: FedshopConfig) -> None:
     _check(s.name in {"fedavg", "fedprox", "fedadam"}, "strategy.name", s.name,
            "fedavg, fedprox or fedadam with secagg=plus (the server sees only the sum of the updates, so a "
            "median, trimmed mean or Krum has nothing to compare)")
-    _check(cfg.privacy.name in {"none", "client", "local"}, "privacy.name", cfg.privacy.name,
-           "none, client or local with secagg=plus (the server cannot clip updates it never sees)")
+    _check(cfg.privacy.name in {"none", "client", "local", "example"}, "privacy.name", cfg.privacy.name,
+           "none, client, local or example with secagg=plus (the server cannot clip updates it never sees)")
     _check(s.max_update_norm is None, "strategy.max_update_norm", s.max_update_norm,
            "null with secagg=plus (the server never sees one update; privacy=client bounds them on the merchant)")
     _check(s.min_train_nodes >= 2, "strategy.min_train_nodes", s.min_train_nodes,

@@ -88,6 +88,10 @@ def summary_line(record: dict[str, Any]) -> str:
         parts.append(f"train-loss {record['train'][wire.TRAIN_LOSS]:.4f}")
     if record.get("privacy"):
         parts.append(f"epsilon {record['privacy']['epsilon']:.3f} (delta {record['privacy']['delta']:g})")
+    if record.get("record_privacy"):
+        rp = record["record_privacy"]
+        parts.append(f"record epsilon max {rp['epsilon_max']:.3f} (delta {rp['delta']:g})"
+                     + (f", {len(rp['declined'])} declined" if rp["declined"] else ""))
     parts.append(f"{record.get('seconds', 0.0):.1f}s")
     return " | ".join(parts)
 

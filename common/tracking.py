@@ -54,6 +54,8 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
             out[name] = float(record[key])
     if isinstance((record.get("privacy") or {}).get("epsilon"), int | float):
         out["privacy/epsilon"] = float(record["privacy"]["epsilon"])
+    if isinstance((record.get("record_privacy") or {}).get("epsilon_max"), int | float):
+        out["privacy/record_epsilon_max"] = float(record["record_privacy"]["epsilon_max"])
     return out
 
 

@@ -1,4 +1,4 @@
-"""Local training and evaluation loops (AdamW, linear warmup/decay, clipping, optional FedProx term)."""
+"""Local training and evaluation loops (AdamW, linear warmup/decay, clipping, optional FedProx term or DP-SGD)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, get_l
 
 from common import wire
 from common.config import TrainConfig
+from common.dp import RecordDP
 from common.metrics import classification_report
 
 
@@ -64,9 +65,24 @@ def _batches(loader: DataLoader, device: torch.device) -> Iterator[dict[str, tor
         yield {k: v.to(device) for k, v in batch.items()}
 
 
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """AdamW over the trainable parameters (LoRA: adapters and head only), no decay on biases and norms."""
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if not any(x in n for x in no_decay)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in trainable if any(x in n for x in no_decay)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr), [p for _, p in trainable]
+
+
 def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
-          epochs: int, seed: int, proximal_mu: float = 0.0, desc: str = "train") -> dict[str, float]:
-    """Fine-tune in place for `epochs` over tokenised `ds`; returns mean loss, num-examples, seconds."""
+          epochs: int, seed: int, proximal_mu: float = 0.0, desc: str = "train",
+          dp: RecordDP | None = None) -> dict[str, float]:
+    """Fine-tune in place for `epochs` over tokenised `ds`; returns mean loss, num-examples, seconds.
+
+    With `dp` (privacy=example) every step is DP-SGD: Opacus clips each example's gradient, adds the noise and
+    draws Poisson batches, and `dp.history` gains the steps; train.grad_clip is not applied then."""
     t0 = time.perf_counter()
     set_seed(seed)
     device = pick_device(cfg.device)
@@ -74,37 +90,39 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
     model.train()
     loader = _loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     steps = max(1, epochs * len(loader))
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: adapters and head only
-    params = [p for _, p in trainable]
-    groups = [
-        {"params": [p for n, p in trainable if not any(x in n for x in no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in trainable if any(x in n for x in no_decay)], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    opt, params = _optimizer(model, cfg)
+    if dp is not None:
+        opt, loader = dp.attach(model, opt, loader)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     total_loss, seen = 0.0, 0
-    for epoch in range(epochs):
-        bar = tqdm(_batches(loader, device), total=len(loader), desc=f"{desc} epoch {epoch + 1}/{epochs}",
-                   disable=None if cfg.progress else True, leave=False, mininterval=1.0)
-        for batch in bar:
-            with _autocast(device):
-                out = model(**batch)
-            loss = out.loss
-            if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = loss + 0.5 * proximal_mu * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            n = int(batch["labels"].shape[0])
-            total_loss += float(out.loss.detach()) * n
-            seen += n
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+    try:
+        for epoch in range(epochs):
+            bar = tqdm(_batches(loader, device), total=len(loader), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                       disable=None if cfg.progress else True, leave=False, mininterval=1.0)
+            for batch in bar:
+                if dp is not None:
+                    batch = dp.per_example_inputs(model, batch)
+                with _autocast(device):
+                    out = model(**batch)
+                loss = out.loss if dp is None else dp.loss(out, batch["labels"])
+                if anchor:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = loss + 0.5 * proximal_mu * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if dp is None and cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                n = int(batch["labels"].shape[0])
+                if n:  # a Poisson batch may be empty: DP-SGD still takes its noise-only step
+                    total_loss += float(out.loss.detach()) * n
+                    seen += n
+                    bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+    finally:
+        if dp is not None:
+            dp.detach()
     model.to("cpu")
     return {wire.TRAIN_LOSS: total_loss / max(seen, 1), wire.NUM_EXAMPLES: len(ds),
             wire.TRAIN_SECONDS: time.perf_counter() - t0}

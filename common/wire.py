@@ -6,7 +6,10 @@ What crosses the network in one round (keys are the constants below):
                                                                      PROXIMAL_MU?}}
     merchant -> server  reply     {ARRAYS: trained exchanged state,
                                    METRICS: {NUM_EXAMPLES, MERCHANT_INDEX, ROUNDS_TRAINED, TRAIN_LOSS, TRAIN_SECONDS,
-                                             EVAL_PREFIX + validation metric of the received model ...}}
+                                             RECORD_EPSILON?, EVAL_PREFIX + validation metric of the received
+                                             model ...}}
+                        or, declining to train (privacy=example budget), {METRICS: {MERCHANT_INDEX, DECLINED,
+                                   RECORD_EPSILON}, INFO: {REASON}}
     server -> merchant  evaluate  {ARRAYS, CONFIG}      reply {METRICS: {NUM_EXAMPLES, MERCHANT_INDEX, loss, ...}}
     server -> merchant  query     {CONFIG: {BASE_FINGERPRINT}}  reply {METRICS: {MERCHANT_INDEX, NUM_EXAMPLES},
                                                                INFO: {MERCHANT_NAME}}
@@ -19,7 +22,7 @@ mutates a message it is given.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +50,9 @@ ROUNDS_TRAINED = "rounds-trained"  # training rounds this merchant has done in t
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 EVAL_PREFIX = "eval-"  # validation metrics of the received model, carried by a train reply
+RECORD_EPSILON = "record-epsilon"  # privacy=example: the epsilon this merchant has spent on its own records
+DECLINED = "declined"  # 1: the merchant did not train this round; INFO[REASON] says why
+REASON = "reason"
 
 # SecAgg+ (legacy FitIns / FitRes, whose parameters are an unnamed list and whose config holds no lists).
 ARRAY_NAMES = "fedshop-array-names"  # the exchanged arrays' names, one per line, in the FitIns config
@@ -185,15 +191,17 @@ class TrainReply:
     rounds_trained: int
     metrics: Scalars  # training metrics (TRAIN_LOSS, TRAIN_SECONDS, SECAGG_CLIPPED, ...), averaged by the server
     evaluation: Scalars = field(default_factory=dict)  # validation metrics of the received model (+ NUM_EXAMPLES)
+    record_epsilon: float | None = None  # privacy=example: spent on this merchant's records, this round included
 
     def to_content(self) -> RecordDict:
         """The reply's content."""
         return RecordDict({ARRAYS: self.arrays, METRICS: MetricRecord(self._metric_record())})
 
     def _metric_record(self) -> dict[str, Any]:
+        spent = {} if self.record_epsilon is None else {RECORD_EPSILON: self.record_epsilon}
         return {**self.metrics, **{EVAL_PREFIX + k: v for k, v in self.evaluation.items()},
                 NUM_EXAMPLES: self.num_examples, MERCHANT_INDEX: self.merchant_index,
-                ROUNDS_TRAINED: self.rounds_trained}
+                ROUNDS_TRAINED: self.rounds_trained, **spent}
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReply:
@@ -207,17 +215,19 @@ class TrainReply:
         scalars = _scalars(record)
         n, index = _count(scalars, NUM_EXAMPLES, positive=True), _count(scalars, MERCHANT_INDEX)
         rounds = _count(scalars, ROUNDS_TRAINED, positive=True)
-        info = {NUM_EXAMPLES, MERCHANT_INDEX, ROUNDS_TRAINED}
+        spent = scalars.get(RECORD_EPSILON)
+        if spent is not None and not spent >= 0:
+            raise WireError(f"invalid {RECORD_EPSILON}={spent!r}")
+        info = {NUM_EXAMPLES, MERCHANT_INDEX, ROUNDS_TRAINED, RECORD_EPSILON}
         evaluation = {k[len(EVAL_PREFIX):]: v for k, v in scalars.items() if k.startswith(EVAL_PREFIX)}
         metrics = {k: v for k, v in scalars.items() if k not in info and not k.startswith(EVAL_PREFIX)}
-        return cls(arrays, n, index, rounds, metrics, evaluation)
+        return cls(arrays, n, index, rounds, metrics, evaluation, None if spent is None else float(spent))
 
     def without_secagg_count(self) -> tuple[TrainReply, int]:
         """This reply without its SECAGG_CLIPPED count, and the count (0 when absent)."""
         metrics = dict(self.metrics)
         clipped = int(metrics.pop(SECAGG_CLIPPED, 0))
-        return TrainReply(self.arrays, self.num_examples, self.merchant_index, self.rounds_trained, metrics,
-                          self.evaluation), clipped
+        return replace(self, metrics=metrics), clipped
 
     def aggregation_view(self, weight: float) -> RecordDict:
         """What Flower's strategies aggregate: the arrays and the training metrics, weighted by `weight`.
@@ -226,6 +236,33 @@ class TrainReply:
         finds and refuses replies whose metric keys differ.
         """
         return RecordDict({ARRAYS: self.arrays, METRICS: MetricRecord({**self.metrics, NUM_EXAMPLES: weight})})
+
+
+@dataclass(frozen=True)
+class Declined:
+    """A merchant's answer to a train instruction it will not carry out (no update): why, and what it has spent."""
+
+    merchant_index: int
+    reason: str
+    record_epsilon: float
+
+    def to_content(self) -> RecordDict:
+        """The reply's content."""
+        return RecordDict({METRICS: MetricRecord({MERCHANT_INDEX: self.merchant_index, DECLINED: 1,
+                                                  RECORD_EPSILON: self.record_epsilon}),
+                           INFO: ConfigRecord({REASON: self.reason})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> Declined | None:
+        """The decline a train reply carries; None when it is not one."""
+        metrics = content.metric_records.get(METRICS)
+        if metrics is None or metrics.get(DECLINED) != 1 or content.array_records:
+            return None
+        info = _only(dict(content.config_records), INFO, "ConfigRecord")
+        spent = metrics.get(RECORD_EPSILON)
+        if not isinstance(spent, int | float) or not spent >= 0:
+            raise WireError(f"missing or invalid {RECORD_EPSILON}={spent!r}")
+        return cls(_count(metrics, MERCHANT_INDEX), str(info.get(REASON, "")), float(spent))
 
 
 @dataclass(frozen=True)

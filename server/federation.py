@@ -28,7 +28,15 @@ from server import flower_patches
 from server.grid import MerchantGrid, Roster
 from server.live import LivePage, status
 from server.privacy import make_private
-from server.report import EvaluateResult, TrainReport, TrainResult, evaluation_json, round_json
+from server.report import (
+    DECLINED,
+    EvaluateResult,
+    TrainReport,
+    TrainResult,
+    evaluation_json,
+    record_privacy,
+    round_json,
+)
 from server.secagg import SecureRound
 from server.strategy import Aggregator, build_strategy, carried_metrics
 
@@ -81,7 +89,7 @@ class Federation:
         self.runlog = RunLog(run_dir, meta, self.payload["history"] if self.payload is not None else None, tracker)
 
     def _aggregator(self) -> Aggregator:
-        cfg, private = self.cfg, self.cfg.privacy.name != "none"
+        cfg, private = self.cfg, self.cfg.privacy.merchant_level
         population = 0
         if private:  # a resumed run keeps the population it was accounted over
             saved = (self.payload or {}).get("strategy_state", {}).get("privacy", {})
@@ -128,11 +136,24 @@ class Federation:
         """Publish where the run is to the live page (when there is one)."""
         if self.live is None:
             return
-        spent = self.aggregator.privacy_spent() if self.cfg.privacy.name != "none" else None
+        spent = self.privacy_summary()
         self.live.publish(status(self.runlog.rounds, title=str(self.runlog.meta.get("title", "")), state=state,
                                  rnd=rnd, num_rounds=self.cfg.strategy.num_rounds, phase=phase,
                                  connected=self.connected, round_seconds=time.time() - self.round_started,
-                                 epsilon=(spent or {}).get("epsilon")))
+                                 epsilon=spent.get("epsilon", spent.get("epsilon_max"))))
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """results.json's `privacy`: the server's ledger (merchant-level presets), or every merchant's epsilon on
+        its own records as the last round reported them (privacy=example); {} without privacy."""
+        if self.cfg.privacy.merchant_level:
+            return self.aggregator.privacy_spent() or {}
+        if not self.cfg.privacy.record_level:
+            return {}
+        last = next((r["record_privacy"] for r in reversed(self.runlog.rounds) if "record_privacy" in r), None)
+        dp = self.cfg.privacy
+        return {**(last or {"preset": "example", "delta": dp.delta, "merchants": {}, "epsilon_max": 0.0}),
+                "target_epsilon": dp.target_epsilon, "noise_multiplier": dp.noise_multiplier,
+                "clipping_norm": dp.clipping_norm}
 
     def check_bases(self, reasons: list[str]) -> None:
         """Stop the run when a merchant holds another frozen base: a federation over different bases is void."""
@@ -142,7 +163,16 @@ class Federation:
             raise FedshopError(f"a merchant refused the run: {refusals[0]}")
 
     def budget_stop(self, rnd: int) -> dict[str, Any] | None:
-        """Why the run stops before round rnd (None when it goes on): a DP budget the round would exceed."""
+        """Why the run stops before round rnd (None when it goes on): a DP budget the round would exceed, or
+        (privacy=example) every merchant sampled in the last round declined for its own budget."""
+        last = self.runlog.rounds[-1]
+        if last.get("dropped") and not last.get("replied") and all(
+                d["reason"].startswith(DECLINED) for d in last["dropped"]):
+            log.warning("stopping before round %d: every sampled merchant declined (its record-level budget, "
+                        "privacy.target_epsilon=%g, is spent)", rnd, self.cfg.privacy.target_epsilon)
+            return {"reason": "every merchant's record-level privacy budget", "before_round": rnd,
+                    "epsilon_spent": last["record_privacy"]["epsilon_max"],
+                    "target_epsilon": self.cfg.privacy.target_epsilon, "delta": self.cfg.privacy.delta}
         if not self.aggregator.budget_exhausted():
             return None
         so_far, dp = self.aggregator.privacy_spent() or {}, self.cfg.privacy
@@ -167,7 +197,8 @@ class Federation:
                 replies = self.grid.send_and_receive(sent.messages, timeout=self.cfg.strategy.round_timeout)
                 result = self.aggregator.aggregate_train(sent, replies)
             self.check_bases([d.reason for d in result.report.dropped])
-            if not result.report.too_few_replies or len(failed) == retries:
+            declined = all(d.declined for d in result.report.dropped) and not result.report.replied
+            if not result.report.too_few_replies or len(failed) == retries or declined:  # asking again is futile
                 return result, failed
             failed.append(result.report)
             log.warning("round %d: retrying (%d/%d)", rnd, len(failed), retries)
@@ -198,7 +229,11 @@ class Federation:
         evaluation = self.evaluate_round(rnd, arrays) if last or not self.cfg.strategy.evaluate_with_train else None
         weights = wire.from_arrays(arrays)
         server = self.server_eval(weights)
-        self.runlog.add(round_json(rnd, server, result, failed, evaluation, self.grid.names, time.time() - t0))
+        record = round_json(rnd, server, result, failed, evaluation, self.grid.names, time.time() - t0)
+        if self.cfg.privacy.record_level:
+            record["record_privacy"] = record_privacy(result.report, self.grid.names,
+                                                      self.privacy_summary()["merchants"], self.cfg.privacy.delta)
+        self.runlog.add(record)
         self.runlog.write(merchants=sorted(set(self.grid.names.values())))
         self.checkpoint(rnd, weights)
         return arrays
@@ -214,7 +249,7 @@ class Federation:
         exchange.load(self.model, wire.from_arrays(arrays))
         M.save_final(self.model, self.tokenizer, self.labels, self.run_dir / "model", self.run_dir / "adapter")
         final = self.runlog.rounds[-1]["server"]
-        extra: dict[str, Any] = {"privacy": self.aggregator.privacy_spent()} if self.cfg.privacy.name != "none" else {}
+        extra: dict[str, Any] = {"privacy": self.privacy_summary()} if self.cfg.privacy.name != "none" else {}
         if stopped is not None:
             extra["stopped"] = stopped
         state = "stopped_privacy_budget" if stopped else "completed"

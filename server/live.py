@@ -77,7 +77,9 @@ def round_point(record: dict[str, Any]) -> dict[str, Any]:
     server = record.get("server") or {}
     return {"round": record["round"], **{k: server.get(k) for k in ("loss", "accuracy", "macro_f1", "ndcg@10")},
             "bytes_down": record.get("bytes_down_total", 0), "bytes_up": record.get("bytes_up_total", 0),
-            "epsilon": (record.get("privacy") or {}).get("epsilon"), "seconds": record.get("seconds")}
+            "epsilon": (record.get("privacy") or {}).get("epsilon",
+                                                        (record.get("record_privacy") or {}).get("epsilon_max")),
+            "seconds": record.get("seconds")}
 
 
 PAGE = """<!doctype html>

@@ -48,6 +48,12 @@ def local_noise_multiplier(epsilon: float, delta: float) -> float:
     return math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
 
 
+def _noise(cfg: PrivacyConfig) -> float:
+    """The merchant-level presets' noise multiplier (common/config.py refuses them a null one)."""
+    assert cfg.noise_multiplier is not None
+    return cfg.noise_multiplier
+
+
 class Ledger:
     """The (epsilon, delta) a run has spent, per round, with Flower's RDP accountant."""
 
@@ -58,10 +64,10 @@ class Ledger:
             self.noise, self.sampling = local_noise_multiplier(cfg.local_epsilon, cfg.local_delta), "local"
             method, relation = SamplingMethod.NO_AMPLIFICATION, NeighboringRelation.ADD_OR_REMOVE_ONE
         elif sample_size >= population:
-            self.noise, self.sampling = cfg.noise_multiplier, "no amplification (every merchant, every round)"
+            self.noise, self.sampling = _noise(cfg), "no amplification (every merchant, every round)"
             method, relation = SamplingMethod.NO_AMPLIFICATION, NeighboringRelation.ADD_OR_REMOVE_ONE
         else:
-            self.noise = cfg.noise_multiplier / 2.0
+            self.noise = _noise(cfg) / 2.0
             self.sampling = f"{sample_size} of {population} merchants without replacement, replace-one"
             method, relation = SamplingMethod.WITHOUT_REPLACEMENT, NeighboringRelation.REPLACE_ONE
         self.accountant = RdpAccountant(AccountingConfig(target_delta=cfg.delta, population_size=population,
@@ -196,18 +202,18 @@ def planned_sample(strategy: StrategyConfig, population: int) -> int:
 
 def make_private(inner: FedAvg, cfg: PrivacyConfig, strategy: StrategyConfig, population: int) -> Strategy:
     """Wrap `inner` for the privacy preset (`inner` itself when none)."""
-    if cfg.name == "none":
+    if not cfg.merchant_level:  # none, or example: the merchants' own DP-SGD, nothing on the server
         return inner
     population = cfg.population or population
     sample = planned_sample(strategy, population)
     ledger = Ledger(cfg, population, sample)
     wrapped: Any
     if cfg.name == "central":
-        wrapped = CentralFixed(inner, cfg.noise_multiplier, cfg.clipping_norm, sample)
+        wrapped = CentralFixed(inner, _noise(cfg), cfg.clipping_norm, sample)
     elif cfg.name == "client":
-        wrapped = ClientFixed(inner, cfg.noise_multiplier, cfg.clipping_norm, sample)
+        wrapped = ClientFixed(inner, _noise(cfg), cfg.clipping_norm, sample)
     elif cfg.name == "central_adaptive":
-        wrapped = CentralAdaptive(inner, cfg.noise_multiplier, sample, initial_clipping_norm=cfg.clipping_norm,
+        wrapped = CentralAdaptive(inner, _noise(cfg), sample, initial_clipping_norm=cfg.clipping_norm,
                                   target_clipped_quantile=cfg.target_clipped_quantile,
                                   clip_norm_lr=cfg.clip_norm_lr, clipped_count_stddev=cfg.clipped_count_stddev)
     else:

@@ -9,6 +9,8 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from common import wire
 
+DECLINED = "declined: "  # the start of a Dropped reason for a merchant that declined to train
+
 
 @dataclass(frozen=True)
 class Replied:
@@ -23,6 +25,7 @@ class Replied:
     bytes_up: int
     bytes_down: int
     rounds_trained: int  # as the merchant's own state (Context.state) counts them
+    record_epsilon: float | None = None  # privacy=example: what the merchant has spent on its records so far
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class Dropped:
     reason: str
     bytes_up: int | None = None  # SecAgg+ counts what a lost merchant still sent and received
     bytes_down: int | None = None
+    record_epsilon: float | None = None  # a merchant that declined (privacy=example): what it has spent
+
+    @property
+    def declined(self) -> bool:
+        """The merchant answered but chose not to train (its record-level budget)."""
+        return self.reason.startswith(DECLINED)
 
     def as_json(self) -> dict[str, Any]:
         """results.json's form (byte counts only when counted)."""
@@ -109,6 +118,20 @@ def _named(entry: dict[str, Any], names: dict[int, str]) -> dict[str, Any]:
 def evaluation_json(evaluated: list[Evaluated], names: dict[int, str]) -> list[dict[str, Any]]:
     """results.json's `evaluated` list."""
     return [_named(e.as_json(), names) for e in evaluated]
+
+
+def record_privacy(report: TrainReport, names: dict[int, str], before: dict[str, float],
+                   delta: float) -> dict[str, Any]:
+    """privacy=example after a round: every merchant's epsilon on its own records (the latest it reported; those
+    not sampled keep theirs), the largest, and who declined for its budget."""
+    spent = dict(before)
+    for node, eps in [(r.node, r.record_epsilon) for r in report.replied] + \
+            [(d.node, d.record_epsilon) for d in report.dropped]:
+        if eps is not None:
+            spent[names.get(node, f"node {node}")] = eps
+    declined = [names.get(d.node, f"node {d.node}") for d in report.dropped if d.declined]
+    return {"preset": "example", "delta": delta, "merchants": dict(sorted(spent.items())),
+            "epsilon_max": max(spent.values(), default=0.0), "declined": declined}
 
 
 def round_json(rnd: int, server: dict[str, Any], result: TrainResult, attempts: list[TrainReport],

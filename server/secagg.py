@@ -172,7 +172,7 @@ class SecureRound:
         if not sizes:
             raise FedshopError("secagg.max_weight: no sampled merchant reported its training-set size; set "
                                "secagg.max_weight to the largest example count a merchant may have")
-        return float(max(wire.aggregation_weight(self.cfg.privacy.name != "none", n) for n in sizes))
+        return float(max(wire.aggregation_weight(self.cfg.privacy.merchant_level, n) for n in sizes))
 
     def run(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> TrainResult:
         """One SecAgg+ training round: the aggregate (None when the protocol halted) and its report."""

@@ -34,7 +34,7 @@ from common.config import FedshopConfig, StrategyConfig
 from server import flower_patches
 from server.grid import payload_bytes
 from server.privacy import Private
-from server.report import Dropped, Evaluated, EvaluateResult, Replied, TrainReport, TrainResult
+from server.report import DECLINED, Dropped, Evaluated, EvaluateResult, Replied, TrainReport, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Aggregator:
     @classmethod
     def for_config(cls, strategy: Strategy, spec: wire.Spec, cfg: FedshopConfig) -> Aggregator:
         """The Aggregator the run's config asks for."""
-        return cls(strategy, spec, private=cfg.privacy.name != "none", min_replies=cfg.strategy.min_replies,
+        return cls(strategy, spec, private=cfg.privacy.merchant_level, min_replies=cfg.strategy.min_replies,
                    max_update_norm=cfg.strategy.max_update_norm, wire_dtype=cfg.strategy.wire_dtype)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Sent:
@@ -174,6 +174,10 @@ class Aggregator:
         if msg.has_error():
             return Dropped(node, f"error: {msg.error.reason}")
         try:
+            if (declined := wire.Declined.from_content(msg.content)) is not None:
+                log.info("round %d: merchant %d declined: %s", sent.server_round, declined.merchant_index,
+                         declined.reason)
+                return Dropped(node, DECLINED + declined.reason, record_epsilon=declined.record_epsilon)
             reply = wire.TrainReply.from_content(msg.content)
             # SecAgg+: the server built these arrays itself (global state + unmasked mean), in its own dtype.
             problem = check_update(reply.arrays, self.wire_spec if reference is not None else self.spec)
@@ -187,7 +191,7 @@ class Aggregator:
             return Dropped(node, f"rejected: {problem}")
         return reply, Replied(node, reply.merchant_index, reply.num_examples, reply.metrics.get(wire.TRAIN_LOSS),
                               reply.metrics.get(wire.TRAIN_SECONDS), norm, payload_bytes(msg.content), sent.bytes_down,
-                              reply.rounds_trained)
+                              reply.rounds_trained, reply.record_epsilon)
 
     def aggregate_train(self, sent: Sent, replies: Iterable[Message], *, secure: bool = False) -> TrainResult:
         """Validate each reply and aggregate the valid ones with the strategy chain.

@@ -270,6 +270,33 @@ def test_client_side_dp_survives_a_lost_merchant_and_is_accounted(deployment):
     assert "epsilon" in deployment.log("server")
 
 
+@pytest.mark.slow
+def test_a_restarted_merchant_continues_its_record_level_budget(deployment):
+    """privacy=example over gRPC (full fine-tuning: ghost clipping): merchant 2 is killed after round 1 and
+    started again on the same run directory; its epsilon goes on from what it had spent, never from zero."""
+    d = deployment
+    d.start_server("strategy.num_rounds=4", "strategy.round_timeout=60", "strategy.min_replies=2",
+                   "strategy.min_available_nodes=2", "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2",
+                   "privacy=example", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null")
+    for i in range(3):
+        d.start_merchant(i)
+    d.wait_round(1)
+    d.kill_merchant_hard(2)
+    budget_file = d.root / "m2" / "privacy" / "merchant_02.json"
+    before = json.loads(budget_file.read_text())["rounds"]
+    d.start_merchant(2)
+    assert d.wait_server() == 0, d.log("server")
+    results = assert_completed(d, rounds=4)
+    after = json.loads(budget_file.read_text())["rounds"]
+    assert after[:len(before)] == before and len(after) > len(before), (before, after)  # trained again
+    eps = [r["epsilon"] for r in after]
+    assert eps == sorted(eps) and len(set(eps)) == len(eps)
+    told = [x for r in results["rounds"][2:] for x in r["replied"] if x["merchant"] == "merchant_02"]
+    assert told and told[0]["record_epsilon"] > before[-1]["epsilon"]  # continued, not restarted at round 1's
+    assert told[-1]["record_epsilon"] == pytest.approx(eps[-1])
+    assert results["privacy"]["merchants"]["merchant_02"] == pytest.approx(eps[-1])
+
+
 SECURE_DP = ["secagg=plus", "privacy=client", "privacy.clipping_norm=0.05", "privacy.noise_multiplier=0.5",
              "privacy.population=3"]
 
