@@ -11,8 +11,8 @@ Same data, rounds, merchants and seeds for every row (10 merchants, every mercha
 The majority label's accuracy is the floor a model must clear. Rows are written to
 bench/results/privacy_utility.json as they finish (a long run keeps what it has measured); the plot is
 bench/results/privacy_utility.png.
-Usage: python bench/privacy_utility.py [--rounds 3] [--epochs 2] [--epsilons 8 4 2 1] [--full-epsilons 8 2]
-       [--only central,example/lora,...] [extra Hydra overrides...]
+Usage: python bench/privacy_utility.py [--rounds 3] [--epochs 1] [--epsilons 8 4 2 1] [--full-epsilons 8 4 2 1]
+       [--only central/lora,example/lora,...] [--name privacy_utility] [extra Hydra overrides...]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def row(setting: str, target: float | None, out: dict[str, Any], noise: float | 
             "seconds": out["wall_seconds"]}
 
 
-def plot(rows: list[dict[str, Any]], majority: float, title: str) -> None:
+def plot(rows: list[dict[str, Any]], majority: float, title: str, name: str) -> None:
     """Accuracy against epsilon per setting, the non-private runs and the majority label as lines."""
     import matplotlib
 
@@ -85,7 +85,7 @@ def plot(rows: list[dict[str, Any]], majority: float, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "privacy_utility.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
     plt.close(fig)
 
 
@@ -93,12 +93,13 @@ def main() -> None:
     """Run every setting, printing and writing each row as it finishes; then plot."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--merchants", type=int, default=10)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 2.0, 1.0])
-    ap.add_argument("--full-epsilons", type=float, nargs="*", default=[8.0, 2.0],
+    ap.add_argument("--full-epsilons", type=float, nargs="*", default=[8.0, 4.0, 2.0, 1.0],
                     help="example/full is the slowest setting (ghost clipping over 22.7M weights)")
     ap.add_argument("--only", default="none/lora,central/lora,example/lora,none/full,example/full")
+    ap.add_argument("--name", default="privacy_utility", help="bench/results/<name>.json and .png")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     base = [f"strategy.num_rounds={a.rounds}", f"train.local_epochs={a.epochs}",
@@ -111,7 +112,7 @@ def main() -> None:
     def record(r: dict[str, Any]) -> None:
         rows.append(r)
         print({k: r[k] for k in COLUMNS}, flush=True)
-        write("privacy_utility", doc)
+        write(a.name, doc)
 
     reference: dict[str, Any] | None = None
     for finetune in ("lora", "full"):
@@ -135,8 +136,8 @@ def main() -> None:
                 record(row(f"example/{finetune}", eps, out, None))
     print(table(rows, COLUMNS))
     print(f"majority label accuracy {majority:.4f}")
-    plot(rows, majority, f"{a.merchants} merchants, {a.rounds} rounds x {a.epochs} epochs")
-    print("written:", RESULTS / "privacy_utility.json", RESULTS / "privacy_utility.png")
+    plot(rows, majority, f"{a.merchants} merchants, {a.rounds} rounds x {a.epochs} epochs", a.name)
+    print("written:", RESULTS / f"{a.name}.json", RESULTS / f"{a.name}.png")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
 from common.config import PrivacyConfig
@@ -35,6 +33,8 @@ def epsilon(history: list[Step], delta: float) -> float:
         return 0.0
     if any(float(z) == 0.0 for z, _, _ in history):
         return math.inf
+    from opacus.accountants import RDPAccountant  # here: importing Opacus costs every process 0.55 s
+
     accountant = RDPAccountant()
     accountant.history = [(float(z), float(q), int(n)) for z, q, n in history]
     with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is looser, still valid
@@ -112,6 +112,8 @@ class RecordDP:
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                loader: DataLoader) -> tuple[torch.optim.Optimizer, DataLoader]:
         """The DP optimiser and Poisson loader over `model`'s trainable parameters (hooks added to `model`)."""
+        from opacus import PrivacyEngine
+
         engine = PrivacyEngine(accountant="rdp")
         engine.accountant.history = list(self.history)
         made = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
