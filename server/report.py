@@ -123,13 +123,13 @@ def evaluation_json(evaluated: list[Evaluated], names: dict[int, str]) -> list[d
 def record_privacy(report: TrainReport, names: dict[int, str], before: dict[str, float],
                    delta: float) -> dict[str, Any]:
     """privacy=example after a round: every merchant's epsilon on its own records (the latest it reported; those
-    not sampled keep theirs), the largest, and who declined for its budget."""
+    not sampled keep theirs), the largest, and who declined for its budget (sorted)."""
     spent = dict(before)
     for node, eps in [(r.node, r.record_epsilon) for r in report.replied] + \
             [(d.node, d.record_epsilon) for d in report.dropped]:
         if eps is not None:
             spent[names.get(node, f"node {node}")] = eps
-    declined = [names.get(d.node, f"node {d.node}") for d in report.dropped if d.declined]
+    declined = sorted(names.get(d.node, f"node {d.node}") for d in report.dropped if d.declined)
     return {"preset": "example", "delta": delta, "merchants": dict(sorted(spent.items())),
             "epsilon_max": max(spent.values(), default=0.0), "declined": declined}
 
