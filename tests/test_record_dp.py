@@ -17,12 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
+from transformers import PreTrainedTokenizerBase
 
 from common import data as D
 from common import dp, wire
 from common import model as M
 from common import train as T
-from common.config import compose
+from common.config import FedshopConfig, compose
 from common.errors import FedshopError
 from common.merchant_state import RecordBudget
 from server.report import record_privacy
@@ -35,13 +36,14 @@ IID = [*LORA_REVIEWS, "partition=iid"]  # merchants of one size: one target sits
 
 
 @cache
-def tiny(finetune: str) -> tuple[torch.nn.Module, object, object]:
+def tiny(finetune: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, FedshopConfig]:
     """The tiny model (LoRA or full) and its tokenizer, and the config they come from."""
     cfg = compose([*TINY, f"finetune={finetune}", "train.progress=false"])
     return M.build_model(cfg.model, ["a", "b", "c"], 0, cfg.finetune), M.load_tokenizer(cfg.model), cfg
 
 
-def examples(tokenizer: object, texts: list[str], labels: list[int], cfg: object) -> datasets.Dataset:
+def examples(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels: list[int],
+             cfg: FedshopConfig) -> datasets.Dataset:
     """Tokenised (query, product) pairs with these labels."""
     ds = datasets.Dataset.from_dict({"text": texts, "text_pair": [t[::-1] for t in texts], "label": labels,
                                      "query_id": list(range(len(texts)))})
@@ -51,6 +53,12 @@ def examples(tokenizer: object, texts: list[str], labels: list[int], cfg: object
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters DP-SGD clips and noises."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def norm(grads: list[torch.Tensor | None]) -> float:
+    """The L2 norm of these gradients taken together (in float64)."""
+    assert all(g is not None for g in grads)
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
 
 
 def clipped_gradient(finetune: str, mode: str, text: str, label: int, clip: float) -> tuple[float, float]:
@@ -63,7 +71,7 @@ def clipped_gradient(finetune: str, mode: str, text: str, label: int, clip: floa
     model.train()
     torch.manual_seed(0)  # the same dropout masks in both passes
     model(**batch).loss.backward()
-    raw = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in trainable(model)))
+    raw = norm([p.grad for p in trainable(model)])
     model.zero_grad(set_to_none=True)
     record = dp.RecordDP(0.0, clip, mode=mode, poisson=False)
     opt, loader = record.attach(model, torch.optim.SGD(trainable(model), lr=0.0), loader)
@@ -74,10 +82,10 @@ def clipped_gradient(finetune: str, mode: str, text: str, label: int, clip: floa
         record.loss(model(**batch), batch["labels"]).backward()
         if mode == "hooks":
             opt.clip_and_accumulate()  # type: ignore[attr-defined]
-            grads = [p.summed_grad for p in trainable(model)]
+            grads = [getattr(p, "summed_grad") for p in trainable(model)]  # noqa: B009 (Opacus adds it)
         else:  # ghost clipping's second backward pass leaves the clipped gradient in .grad
             grads = [p.grad for p in trainable(model)]
-        return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)), raw
+        return norm(grads), raw
     finally:
         record.detach()
 
@@ -86,7 +94,8 @@ def clipped_gradient(finetune: str, mode: str, text: str, label: int, clip: floa
 @given(text=st.text(alphabet="abcdefgh xyz", min_size=1, max_size=40), label=st.integers(0, 2),
        clip=st.floats(1e-4, 10.0), setting=st.sampled_from([("lora", "hooks"), ("full", "ghost"), ("full", "hooks")]))
 def test_every_per_example_gradient_is_clipped_to_at_most_c(text, label, clip, setting):
-    clipped, raw = clipped_gradient(*setting, text, label, clip)
+    finetune, mode = setting
+    clipped, raw = clipped_gradient(finetune, mode, text, label, clip)
     assert clipped <= clip * (1 + 1e-4)
     assert clipped == pytest.approx(min(raw, clip), rel=1e-3)  # scaled onto the ball, not distorted
 
