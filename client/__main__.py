@@ -79,7 +79,8 @@ def supernode_command(cfg: FedshopConfig, name: str, lines: Path, secret: Path |
 def executor_command(cfg: FedshopConfig, node_pid: int, secret: Path) -> list[str]:
     """fedshop's SuperExec for this merchant's node (see client/executor)."""
     return [sys.executable, "-m", "client.executor", "--runtime-api-address", f"127.0.0.1:{cfg.deploy.node_port}",
-            "--insecure", "--parent-pid", str(node_pid), "--superexec-auth-secret-file", str(secret)]
+            "--insecure", "--parent-pid", str(node_pid), "--superexec-auth-secret-file", str(secret),
+            *(["--resident"] if cfg.deploy.executor == "resident" else [])]
 
 
 def _new_secret(run_dir: Path) -> Path:
@@ -129,7 +130,7 @@ def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     env["FEDSHOP_NODE_POLL_INTERVAL"] = str(d.poll_interval)
     env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(max(0.01, d.poll_interval / 2))
     log_path = run_dir / "supernode.log"
-    secret = _new_secret(run_dir) if d.executor == "forkserver" else None
+    secret = _new_secret(run_dir) if d.executor in {"forkserver", "resident"} else None
     lines = Tail(run_dir / "messages.log")
     node = procs.start(supernode_command(cfg, name, lines.path, secret), log_path, env)
     (run_dir / "supernode.pid").write_text(f"{node.pid}\n")

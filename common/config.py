@@ -444,8 +444,8 @@ def _validate_strategy(cfg: FedshopConfig) -> None:
 
 def _validate_simulation(cfg: FedshopConfig) -> None:
     s = cfg.strategy
-    _check(cfg.deploy.executor in {"forkserver", "subprocess"}, "deploy.executor", cfg.deploy.executor,
-           "forkserver|subprocess")
+    _check(cfg.deploy.executor in {"resident", "forkserver", "subprocess"}, "deploy.executor", cfg.deploy.executor,
+           "resident|forkserver|subprocess")
     k = cfg.simulation.num_merchants
     _check(k > 0, "simulation.num_merchants", k, "> 0")
     _check(all(0 <= a < k for a in cfg.simulation.attackers), "simulation.attackers", cfg.simulation.attackers,

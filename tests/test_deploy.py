@@ -114,11 +114,13 @@ def test_insecure_server_and_three_merchants(deployment, tmp_path):
         said = [line.split(f"merchant_0{i} ", 1)[1].split(":")[0] for line in lines]
         assert said == ["query", "round 1 train", "round 2 train", "round 2 evaluate"], lines
         assert all(" examples, " in line and " s" in line for line in lines[1:]), lines
-    # Every message ran in a process forked from the merchant's warm fork server: query, train x 2, final evaluate.
+    # One resident worker, forked from the merchant's warm fork server, ran all four messages of the run (query,
+    # train x 2, final evaluate), each completed.
     for i in range(3):
         executor_log = (d.root / f"m{i}" / "executor.log").read_text()
-        assert executor_log.count("exited with status 0") >= 4, executor_log[-2000:]
-        assert "exited with status 1" not in executor_log
+        assert executor_log.count("resident worker started") == 1, executor_log[-2000:]
+        assert executor_log.count(": to resident worker pid") == 4 == executor_log.count(": completed after")
+        assert " failed after " not in executor_log and "exited with status 1" not in executor_log
     # What left the merchants, as the server received it: model arrays and scalar metrics only.
     counts = assert_replies_carry_no_data(d.run_dir)
     assert counts["train"] == 6 and counts["query"] == 3 and counts["evaluate"] == 3

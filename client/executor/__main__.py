@@ -6,10 +6,14 @@ fedshop runs, twice per merchant per round. With `flower-supernode --isolation p
 starting those processes to an external SuperExec; this is that SuperExec. It is Flower's own
 `run_superexec` loop (task acquisition, SuperExec authentication, health) with one change (patch 5 in
 client/flower_patches.py): each ClientApp task runs Flower's unchanged `run_clientapp` in a process forked
-from a multiprocessing fork server that imported the heavy libraries once. Every task still gets a fresh
-process (no state leaks between messages; what a merchant keeps between rounds travels in Context.state), and
-the task drops fedshop's own modules before loading the app, so the code that runs is the FAB the server
-sent, exactly as with Flower's executor (see client/executor/task.py).
+from a multiprocessing fork server that imported the heavy libraries once.
+
+With `--resident` (deploy.executor=resident, the default) the tasks of one FAB go to one resident worker forked
+from that server (client/executor/resident.py): it keeps the app and its caches (model skeleton, tokenised shard)
+between rounds, as a simulation's Ray actor does, and a round no longer pays for them again. What a merchant
+must remember between rounds still travels in Context.state. Without it (deploy.executor=forkserver) every task
+gets a fresh process. Either way the task drops fedshop's own modules before loading the app, so the code that
+runs is the FAB the server sent, exactly as with Flower's executor (see client/executor/task.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import multiprocessing
 import os
 import sys
 import time
+from dataclasses import dataclass
 from multiprocessing import forkserver
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
@@ -31,6 +37,7 @@ from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.executor.types import ExecutionSpec
 
 from client import flower_patches
+from client.executor.resident import serve
 from client.executor.task import run_task
 
 log = logging.getLogger("fedshop.executor")
@@ -42,17 +49,34 @@ PRELOAD = ["numpy", "torch", "torch.utils.data", "tokenizers", "transformers", "
            "datasets", "omegaconf", "hydra", "peft", "peft.tuners.lora", "peft.mapping_func", "flwr_datasets",
            "flwr_datasets.partitioner", "tqdm", "flwr.app",
            "flwr.clientapp", "flwr.supernode.runtime.run_clientapp", "client.executor.task",
-           "client.executor.warm"]
+           "client.executor.resident", "client.executor.warm"]
+
+
+@dataclass
+class Worker:
+    """A resident worker process (client/executor/resident.py) and the task it is running, if any."""
+
+    proc: multiprocessing.process.BaseProcess
+    conn: Connection
+    fab_hash: str
+    task_id: int | None = None
+    started: float = 0.0
 
 
 class ForkServerExecutor:
-    """Flower Executor protocol: ClientApp tasks run in processes forked from a warm fork server."""
+    """Flower Executor protocol: ClientApp tasks run in processes forked from a warm fork server.
 
-    def __init__(self, preload: list[str]) -> None:
+    With `resident`, a task goes to an idle resident worker for its FAB (one is forked the first time), which
+    keeps the app and its caches between tasks; a task arriving while that worker is busy gets a fresh process.
+    """
+
+    def __init__(self, preload: list[str], resident: bool = False) -> None:
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([m for m in preload if _installed(m)])
         forkserver.ensure_running()
+        self.resident = resident
         self.running: list[tuple[multiprocessing.process.BaseProcess, float]] = []
+        self.workers: list[Worker] = []
 
     def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
                               root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
@@ -64,23 +88,65 @@ class ForkServerExecutor:
         """No capacity gate: every acquired task starts at once."""
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
-        """Fork a process that runs Flower's run_clientapp for this task's token."""
+        """Hand the task to an idle resident worker, or fork a process that runs Flower's run_clientapp."""
         if spec.task_type != TaskType.CLIENT_APP:
             return LaunchResult.failed(f"fedshop's merchant executor runs ClientApp tasks only, not {spec.task_type}")
         certificates = Path(spec.root_certificates_path).read_bytes() if spec.root_certificates_path else None
-        proc = self.ctx.Process(target=run_task, name=f"clientapp-task-{spec.task_id}", kwargs={
-            "runtime_api_address": spec.runtime_api_address, "token": spec.token, "insecure": spec.insecure,
-            "certificates": certificates, "parent_pid": os.getpid(), "runtime_dependency_install": False})
+        job = {"runtime_api_address": spec.runtime_api_address, "token": spec.token, "insecure": spec.insecure,
+               "certificates": certificates}
         try:
+            worker = self._idle_worker(spec.fab_hash) if self.resident and spec.fab_hash else None
+            if worker is not None:
+                worker.conn.send(job)
+                worker.task_id, worker.started = spec.task_id, time.perf_counter()
+                log.info("task %d: to resident worker pid %s", spec.task_id, worker.proc.pid)
+                return LaunchResult.accepted()
+            proc = self.ctx.Process(target=run_task, name=f"clientapp-task-{spec.task_id}", kwargs={
+                **job, "parent_pid": os.getpid(), "runtime_dependency_install": False})
             proc.start()
         except OSError as err:
-            return LaunchResult.failed(f"could not fork a ClientApp process: {err}")
+            return LaunchResult.failed(f"could not start a ClientApp process: {err}")
         self.running.append((proc, time.perf_counter()))
         log.info("task %d: started %s (pid %s)", spec.task_id, proc.name, proc.pid)
         return LaunchResult.accepted()
 
+    def _idle_worker(self, fab_hash: str) -> Worker | None:
+        """The idle resident worker for this FAB, forked if there is none (workers of other FABs retire);
+        None while it is busy."""
+        for w in [w for w in self.workers if w.fab_hash != fab_hash]:
+            self._retire(w)
+        if not self.workers:
+            ours, theirs = self.ctx.Pipe()
+            proc = self.ctx.Process(target=serve, args=(theirs, fab_hash, os.getpid()), name="clientapp-resident")
+            proc.start()
+            theirs.close()
+            self.workers.append(Worker(proc, ours, fab_hash))
+            log.info("resident worker started: pid %s for FAB %s", proc.pid, fab_hash[:12])
+        worker = self.workers[0]
+        return worker if worker.task_id is None else None
+
+    def _retire(self, worker: Worker) -> None:
+        """Ask a worker to exit after its task (it is reaped in reconcile)."""
+        try:
+            worker.conn.send(None)
+        except OSError:
+            pass
+        self.workers.remove(worker)
+        self.running.append((worker.proc, time.perf_counter()))
+
     def reconcile(self) -> None:
-        """Reap finished task processes; a failed one is logged (Flower reports the task's status itself)."""
+        """Reap finished task processes and collect resident workers' results; a failed task is logged (Flower
+        reports the task's status itself). A worker that died is replaced by the next task."""
+        for w in list(self.workers):
+            if w.task_id is not None and w.conn.poll():
+                ok = w.conn.recv()
+                log.log(logging.INFO if ok else logging.WARNING, "task %d: %s after %.2f s (resident pid %s)",
+                        w.task_id, "completed" if ok else "failed", time.perf_counter() - w.started, w.proc.pid)
+                w.task_id = None
+            elif not w.proc.is_alive():
+                log.warning("resident worker pid %s exited with status %s%s", w.proc.pid, w.proc.exitcode,
+                            f" during task {w.task_id}" if w.task_id is not None else "")
+                self.workers.remove(w)
         still = []
         for proc, started in self.running:
             if proc.is_alive():
@@ -93,7 +159,9 @@ class ForkServerExecutor:
         self.running = still
 
     def close(self) -> None:
-        """Stop task processes still running (the SuperExec is shutting down)."""
+        """Stop task processes and resident workers (the SuperExec is shutting down)."""
+        for w in list(self.workers):
+            self._retire(w)
         for proc, _ in self.running:
             proc.terminate()
         for proc, _ in self.running:
@@ -118,11 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root-certificates", default=None, help="CA certificate of the Runtime API")
     ap.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
     ap.add_argument("--superexec-auth-secret-file", default=None, help="shared secret the SuperNode also has")
+    ap.add_argument("--resident", action="store_true", help="a resident worker serves consecutive tasks")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        flower_patches.use_executor(ForkServerExecutor(PRELOAD))
+        flower_patches.use_executor(ForkServerExecutor(PRELOAD, a.resident))
     except RuntimeError as err:
         sys.exit(str(err))
     secret = load_superexec_auth_secret(a.superexec_auth_secret_file)
