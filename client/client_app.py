@@ -199,11 +199,23 @@ def _line(kind: str, merchant: Merchant, rnd: int, n: int, seconds: float, loss:
             + ("" if loss is None else f", loss {loss:.4f}"))
 
 
+def transport_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost mod: a message's arrays are unpacked on arrival and the reply's packed for the trip back
+    (common/wire.py: pack); everything inside sees named arrays."""
+    content = wire.unpack(msg.content)
+    if content is not msg.content:
+        msg.content = content
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        reply.content = wire.pack(reply.content)
+    return reply
+
+
 def build_client_app(fixed_cfg: FedshopConfig | None = None, log_file: Path | None = None) -> ClientApp:
     """A ClientApp; with `fixed_cfg` (simulation) it ignores the run config, else reads it from the run. Each
     message it handles appends a line to `log_file` (simulation) or to its node config's log file (python -m
     client shows those); its Python warnings and Flower's lines go to the fedshop.log beside that file."""
-    app = ClientApp()
+    app = ClientApp(mods=[transport_mod])
 
     def config_of(context: Context) -> FedshopConfig:
         return fixed_cfg or _run_config(json.dumps(dict(context.run_config), sort_keys=True))

@@ -37,6 +37,25 @@ class Roster:
     wait: float = 10.0  # seconds a node may take to appear in `nodes` before it is asked instead
 
 
+def _packed(msg: Message) -> Message:
+    """The message to push: its content packed, its metadata shared (so the original learns its message id)."""
+    content = wire.pack(msg.content) if not msg.has_error() else msg.content
+    return msg if content is msg.content else Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
+
+
+def _unpacked(msg: Message) -> Message:
+    """A reply with its arrays unpacked; one whose packing does not fit its layout comes back as it is (still
+    packed), which the reply validation rejects and records (server/strategy.py: check_update)."""
+    if msg.has_error():
+        return msg
+    try:
+        content = wire.unpack(msg.content)
+    except wire.WireError as err:
+        log.warning("node %d sent arrays that do not unpack: %s", msg.metadata.src_node_id, err)
+        return msg
+    return msg if content is msg.content else Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
+
+
 class MerchantGrid(Grid):
     """Delegates to a Flower Grid; get_node_ids() is ordered by merchant index."""
 
@@ -70,12 +89,14 @@ class MerchantGrid(Grid):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegate."""
-        return self.inner.push_messages(messages)
+        """Delegate, each message's arrays packed for the trip (common/wire.py: pack); the messages given keep
+        their content and get their ids."""
+        return self.inner.push_messages([_packed(m) for m in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegate; with an audit file, append what each reply carried (structure and types, no values)."""
-        replies = list(self.inner.pull_messages(message_ids))
+        """Delegate, unpacking each reply's arrays; with an audit file, append what each reply carried (structure
+        and types, no values)."""
+        replies = [_unpacked(m) for m in self.inner.pull_messages(message_ids)]
         if self.audit is not None and replies:
             with self.audit.open("a") as f:
                 for msg in replies:
@@ -91,7 +112,7 @@ class MerchantGrid(Grid):
         """
         sent = list(messages)
         start = time.time()
-        pending = set(self.inner.push_messages(sent))
+        pending = set(self.push_messages(sent))
         end = start + (timeout if timeout is not None else float("inf"))
         replies: list[Message] = []
         wait = min(FIRST_POLL, self.poll_interval)

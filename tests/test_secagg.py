@@ -152,7 +152,7 @@ def trained_updates(cfg: FedshopConfig) -> tuple[dict[int, dict[str, np.ndarray]
         reply = local.app(msg, Context(run_id=1, node_id=node, node_config={"partition-id": i,
                                                                            "num-partitions": K},
                                        state=RecordDict(), run_config={}))
-        trained = wire.TrainReply.from_content(reply.content)
+        trained = wire.TrainReply.from_content(wire.unpack(reply.content))  # as the server's grid does
         updates[node] = {k: trained.arrays[k].numpy().astype(np.float64) - weights[k] for k in weights}
         sizes[node] = trained.num_examples
     return updates, sizes
@@ -355,12 +355,16 @@ def test_replies_are_pulled_soon_then_every_poll_interval(monkeypatch):
             self.pulls += 1
             if self.pulls < self.ready:
                 return []
-            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+            return [bare(SimpleNamespace(reply_to_message_id=i)) for i in ids]
+
+    def bare(metadata: SimpleNamespace | None = None) -> SimpleNamespace:
+        """A message with nothing to pack or unpack."""
+        return SimpleNamespace(metadata=metadata, content=RecordDict(), has_error=lambda: False)
 
     waits: list[float] = []
     monkeypatch.setattr(G.time, "sleep", waits.append)
     for ready, expected in ((1, []), (2, [0.01]), (8, [0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.2])):
         waits.clear()
         grid = MerchantGrid(Slow(ready), 5.0, 0.2, "0123456789abcdef")  # type: ignore[arg-type]
-        assert len(list(grid.send_and_receive([object(), object()]))) == 2  # type: ignore[list-item]
+        assert len(list(grid.send_and_receive([bare(), bare()]))) == 2  # type: ignore[list-item]
         assert waits == pytest.approx(expected)
