@@ -49,10 +49,13 @@ def quality_row(name: str, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def deploy_rows(rounds: int) -> list[dict[str, Any]]:
-    """Fixed overhead of a deployed round (round time minus the slowest merchant's training), full vs LoRA."""
+    """Fixed overhead of a deployed round (round time minus the slowest merchant's training), full vs LoRA, with
+    the resident worker (the default) and with a process forked per message."""
     rows = []
-    for name, extra in (("deployment, tiny, full", ["finetune=full"]), ("deployment, tiny, lora r=8", LORA)):
-        ov = overheads(deploy(rounds, 0.2, "forkserver", *extra)["results"])
+    for name, executor, extra in (("deployment, tiny, full", "resident", ["finetune=full"]),
+                                  ("deployment, tiny, lora r=8", "resident", LORA),
+                                  ("deployment, tiny, lora r=8, a process per message", "forkserver", LORA)):
+        ov = overheads(deploy(rounds, 0.2, executor, *extra)["results"])
         rows.append({"setting": name, "fixed_overhead_s_median": statistics.median(ov),
                      "fixed_overhead_s_mean": statistics.mean(ov)})
     return rows
