@@ -32,6 +32,7 @@ SETTINGS = {
 # LoRA settings use finetune=lora's learning rate (2e-3; the recorded main table ran at its earlier 1e-3).
 VARIANTS = {
     "lora r=8, lr 2e-3": ["finetune=lora", "train.lr=2e-3"],
+    "lora r=8, float16 on the wire": ["finetune=lora", "strategy.wire_dtype=float16"],
     "lora r=16, pooler frozen": ["finetune=lora", "finetune.rank=16", "finetune.alpha=32", "train.lr=1e-3",
                                  "finetune.modules_to_save=[classifier]"],
 }
