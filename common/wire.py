@@ -106,7 +106,7 @@ def pack(content: RecordDict) -> RecordDict:
     """The content with every ArrayRecord of several arrays packed into one array per dtype (a new RecordDict;
     the same content when there is nothing to pack)."""
     records: dict[str, Any] = dict(content.items())
-    layouts = {}
+    layouts: dict[str, Any] = {}
     for key, record in content.array_records.items():
         if len(record) < 2:
             continue

@@ -16,7 +16,8 @@ from server.strategy import check_update
 def content(n: int = 12) -> RecordDict:
     """A train message's content: n float32 tensors of mixed shapes, an int64 buffer, a config and metrics."""
     rng = np.random.default_rng(0)
-    arrays = {f"layer.{i}.weight": rng.normal(size=(i + 1, 3)).astype(np.float32) for i in range(n)}
+    arrays: dict[str, np.ndarray] = {f"layer.{i}.weight": rng.normal(size=(i + 1, 3)).astype(np.float32)
+                                     for i in range(n)}
     arrays["embeddings.position_ids"] = np.arange(7, dtype=np.int64).reshape(1, 7)
     return RecordDict({wire.ARRAYS: wire.to_arrays(arrays), wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 3}),
                        wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 5})})
