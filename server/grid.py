@@ -39,8 +39,7 @@ class Roster:
 
 def _packed(msg: Message) -> Message:
     """The message to push: its content packed, its metadata shared (so the original learns its message id)."""
-    content = wire.pack(msg.content) if not msg.has_error() else msg.content
-    return msg if content is msg.content else Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
+    return msg if msg.has_error() else _with_content(msg, wire.pack(msg.content))
 
 
 def _unpacked(msg: Message) -> Message:
@@ -53,6 +52,11 @@ def _unpacked(msg: Message) -> Message:
     except wire.WireError as err:
         log.warning("node %d sent arrays that do not unpack: %s", msg.metadata.src_node_id, err)
         return msg
+    return _with_content(msg, content)
+
+
+def _with_content(msg: Message, content: RecordDict) -> Message:
+    """`msg` itself when its content is `content`, else a message with that content and msg's metadata."""
     return msg if content is msg.content else Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
 
 

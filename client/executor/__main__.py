@@ -138,8 +138,7 @@ class ForkServerExecutor:
         """Reap finished task processes and collect resident workers' results; a failed task is logged (Flower
         reports the task's status itself). A worker that died is replaced by the next task."""
         for w in list(self.workers):
-            if w.task_id is not None and w.conn.poll():
-                ok = w.conn.recv()
+            if w.task_id is not None and (ok := _result(w.conn)) is not None:
                 log.log(logging.INFO if ok else logging.WARNING, "task %d: %s after %.2f s (resident pid %s)",
                         w.task_id, "completed" if ok else "failed", time.perf_counter() - w.started, w.proc.pid)
                 w.task_id = None
@@ -169,6 +168,15 @@ class ForkServerExecutor:
             if proc.is_alive():
                 proc.kill()
         self.running = []
+
+
+def _result(conn: Connection) -> bool | None:
+    """A resident worker's answer for its task, if it has sent one (None too when the worker has gone: a pipe
+    whose other end closed polls readable and raises on recv)."""
+    try:
+        return bool(conn.recv()) if conn.poll() else None
+    except (EOFError, OSError):
+        return None
 
 
 def _installed(module: str) -> bool:
