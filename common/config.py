@@ -28,6 +28,8 @@ class SyntheticConfig:
 
     num_merchants: int = MISSING
     num_queries: int = MISSING
+    test_queries: int = MISSING
+    hard_queries: int = MISSING
     num_reviews: int = MISSING
     concentration: float = MISSING
     label_noise: float = MISSING
@@ -62,6 +64,15 @@ class DataConfig:
     cache_dir: str | None = None  # where a file's Arrow cache goes (conf/data/*.yaml say what null means)
     num_proc: int = MISSING
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class EvalConfig:
+    """The server's held-out evaluation: which part of it every round scores, and the catalog ranking."""
+
+    round_queries: int | None = None  # null: the whole test set every round
+    catalog_top_n: int = MISSING
+    retriever: str | None = None  # null: serving.retriever
 
 
 @dataclass
@@ -110,6 +121,8 @@ class TrainConfig:
     warmup_ratio: float = MISSING
     weight_decay: float = MISSING
     grad_clip: float = MISSING
+    loss: str = MISSING  # ce | balanced | focal
+    focal_gamma: float = MISSING
     device: str = MISSING  # auto | cpu | cuda
     num_threads: int | None = None
     progress: bool = MISSING
@@ -132,6 +145,8 @@ class StrategyConfig:
     evaluate_with_train: bool = MISSING
     wire_dtype: str = MISSING  # float32 | float16: the arrays that travel (the server aggregates in float32)
     proximal_mu: float | None = None
+    server_learning_rate: float | None = None
+    server_momentum: float | None = None
     eta: float | None = None
     eta_l: float | None = None
     beta_1: float | None = None
@@ -315,7 +330,9 @@ class FedshopConfig:
 
     seed: int = MISSING
     mode: str = MISSING  # federated | centralized | alone
+    objective: str = MISSING  # one of OBJECTIVES
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -331,9 +348,13 @@ class FedshopConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+OBJECTIVES = ("accuracy", "macro_f1", "ndcg@10", "catalog_ndcg@10", "catalog_mrr", "catalog_recall@10", "hard_first")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "fedtrimmedavg", "krum",
+              "multikrum")
 # The fields each strategy reads (conf/strategy/<name>.yaml sets them; null elsewhere).
 STRATEGY_FIELDS = {"fedprox": ("proximal_mu",), "fedadam": ("eta", "eta_l", "beta_1", "beta_2", "tau"),
+                   "fedyogi": ("eta", "eta_l", "beta_1", "beta_2", "tau"), "fedadagrad": ("eta", "eta_l", "tau"),
+                   "fedavgm": ("server_learning_rate", "server_momentum"),
                    "fedtrimmedavg": ("beta",), "krum": ("num_malicious_nodes",),
                    "multikrum": ("num_malicious_nodes", "num_nodes_to_select")}
 WIRE_DTYPES = ("float32", "float16")
@@ -349,6 +370,7 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 def validate(cfg: FedshopConfig) -> FedshopConfig:
     """Check value ranges and cross-field rules; return cfg unchanged when all hold."""
     _check(cfg.mode in {"federated", "centralized", "alone"}, "mode", cfg.mode, "federated|centralized|alone")
+    _check(cfg.objective in OBJECTIVES, "objective", cfg.objective, "|".join(OBJECTIVES))
     _validate_data(cfg)
     _validate_train(cfg.train)
     _validate_finetune(cfg.finetune)
@@ -386,6 +408,13 @@ def _validate_data(cfg: FedshopConfig) -> None:
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a fraction in [0, 1)")
     _check(d.max_text_chars > 0, "data.max_text_chars", d.max_text_chars, "> 0")
     _check(d.num_proc >= 1, "data.num_proc", d.num_proc, ">= 1")
+    s = d.synthetic
+    _check(d.source != "synthetic" or s.test_queries >= 1, "data.synthetic.test_queries", s.test_queries, ">= 1")
+    _check(d.source != "synthetic" or s.hard_queries >= 0, "data.synthetic.hard_queries", s.hard_queries, ">= 0")
+    e = cfg.eval
+    _check(e.round_queries is None or e.round_queries >= 1, "eval.round_queries", e.round_queries,
+           ">= 1, or null for the whole test set every round")
+    _check(e.catalog_top_n >= 1, "eval.catalog_top_n", e.catalog_top_n, ">= 1")
     _check(d.task != "relevance" or bool(d.columns.text_pair), "data.columns.text_pair", d.columns.text_pair,
            "a column name for task=relevance")
     p = cfg.partition
@@ -406,6 +435,8 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.lr > 0, "train.lr", t.lr, "> 0")
     _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", t.warmup_ratio, "a fraction in [0, 1)")
     _check(t.device in {"auto", "cpu", "cuda"}, "train.device", t.device, "auto|cpu|cuda")
+    _check(t.loss in {"ce", "balanced", "focal"}, "train.loss", t.loss, "ce|balanced|focal")
+    _check(t.focal_gamma >= 0, "train.focal_gamma", t.focal_gamma, ">= 0")
 
 
 def _validate_finetune(f: FinetuneConfig) -> None:
@@ -496,6 +527,9 @@ def _validate_record_level(cfg: FedshopConfig) -> None:
            "example, so DP-SGD would drop it")
     _check(cfg.mode == "federated", "mode", cfg.mode,
            "federated with privacy=example: its budget is accounted by each merchant on its own records")
+    _check(cfg.train.loss == "ce", "train.loss", cfg.train.loss,
+           "ce with privacy=example: Opacus clips the cross-entropy's per-example gradients; balanced weights "
+           "come from the merchant's label counts, which per-example clipping does not cover")
 
 
 def _validate_serving(v: ServingConfig) -> None:

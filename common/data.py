@@ -306,7 +306,8 @@ def normalize(ds: datasets.Dataset, cfg: DataConfig, source: str,
     return out.with_format(None), labels
 
 
-def _unit_hash(*parts: object) -> float:
+def unit_hash(*parts: object) -> float:
+    """A number in [0, 1) fixed by its parts: deterministic splits and subsets."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -319,7 +320,7 @@ def group_split(ds: datasets.Dataset, fraction: float, seed: int,
     held = []
     for batch in ds.with_format("arrow").iter(ROWS_PER_BATCH):  # each query of a batch hashed once
         queries = pc.dictionary_encode(batch["query_id"]).combine_chunks()
-        flags = np.array([_unit_hash(seed, salt, q) < fraction for q in queries.dictionary.to_pylist()], dtype=bool)
+        flags = np.array([unit_hash(seed, salt, q) < fraction for q in queries.dictionary.to_pylist()], dtype=bool)
         held.append(flags[queries.indices.to_numpy()])
     is_held = np.concatenate(held)
     return ds.select(np.flatnonzero(~is_held)), ds.select(np.flatnonzero(is_held))
@@ -361,8 +362,11 @@ def _data_key(cfg: FedshopConfig) -> str:
 def _build(cfg: FedshopConfig) -> FederatedData:
     raw, source = load_raw(cfg.data, cfg.seed)
     ds, labels = normalize(raw, cfg.data, source)
+    judged = judged_set(cfg)
     if cfg.data.test_path:  # a fixed test file: every row of the data trains
         pool, test = ds, read_test(cfg.data, labels)[0]
+    elif judged is not None:  # the built-in marketplace's own held-out queries: every generated row trains
+        pool, test = ds, normalize(datasets.Dataset.from_list(judged.rows), cfg.data, f"{SYNTHETIC} (test)", labels)[0]
     else:
         pool, test = group_split(ds, cfg.data.test_fraction, cfg.seed, "test")
     if len(test) == 0:
@@ -373,6 +377,22 @@ def _build(cfg: FedshopConfig) -> FederatedData:
 
 
 _CACHE: dict[str, FederatedData] = {}
+_JUDGED: dict[str, synthetic.JudgedSet] = {}
+
+
+def judged_set(cfg: FedshopConfig) -> synthetic.JudgedSet | None:
+    """The built-in marketplace's judged test set, catalog and hard queries (task=relevance, no data.test_path;
+    cached per process); None otherwise."""
+    d = cfg.data
+    if d.source != "synthetic" or d.task != "relevance" or d.test_path:
+        return None
+    s = d.synthetic
+    key = json.dumps([s.num_merchants, s.test_queries, cfg.seed, s.concentration, s.hard_queries])
+    if key not in _JUDGED:
+        _JUDGED.clear()
+        _JUDGED[key] = synthetic.generate_judged(s.num_merchants, s.test_queries, cfg.seed, s.concentration,
+                                                 s.hard_queries)
+    return _JUDGED[key]
 
 
 def read_test(cfg: DataConfig, labels: list[str] | None = None) -> tuple[datasets.Dataset, list[str]]:

@@ -64,3 +64,46 @@ def classification_report(y_true: Sequence[int], probs: np.ndarray, num_labels: 
         true_gains = [label_gains[y] for y in y_true]
         out["ndcg@10"] = ndcg_at_k(query_ids, scores.tolist(), true_gains, 10)
     return out
+
+
+def per_class(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of every label (0.0 where a label is never predicted or never true)."""
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    out = {}
+    for k, name in enumerate(labels):
+        tp = int(((t == k) & (p == k)).sum())
+        predicted, actual = int((p == k).sum()), int((t == k).sum())
+        out[name] = {"precision": tp / predicted if predicted else 0.0, "recall": tp / actual if actual else 0.0,
+                     "f1": 2 * tp / (predicted + actual) if predicted + actual else 0.0, "support": actual}
+    return out
+
+
+def confusion(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> list[list[int]]:
+    """Counts, one row per true label and one column per predicted label."""
+    m = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(m, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return m.tolist()
+
+
+def catalog_ranking(ranked: Sequence[Sequence[int]], gains: np.ndarray, exact: np.ndarray,
+                    k: int = 10) -> dict[str, float]:
+    """nDCG@k, MRR and recall@k of one ranked list of catalog indices per query, against the judgement of every
+    catalog product (gains and exact: one row per query, one column per product). nDCG's ideal is the best k of
+    the whole catalog; MRR is the first exact product's reciprocal rank (0 when none is ranked); recall@k is the
+    share of the query's exact products in its top k, out of at most k."""
+    ndcg, mrr, recall = [], [], []
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    for q, order in enumerate(ranked):
+        top = np.asarray(order[:k], dtype=np.int64)
+        ideal = np.sort(gains[q])[::-1][:k]
+        idcg = float((ideal * discount[:len(ideal)]).sum())
+        if idcg == 0:
+            continue
+        ndcg.append(float((gains[q][top] * discount[:len(top)]).sum()) / idcg)
+        hits = np.flatnonzero(exact[q][np.asarray(order, dtype=np.int64)])
+        mrr.append(1.0 / (hits[0] + 1) if len(hits) else 0.0)
+        relevant = int(exact[q].sum())
+        if relevant:
+            recall.append(int(exact[q][top].sum()) / min(k, relevant))
+    mean = lambda v: float(np.mean(v)) if v else 0.0  # noqa: E731
+    return {f"catalog_ndcg@{k}": mean(ndcg), "catalog_mrr": mean(mrr), f"catalog_recall@{k}": mean(recall)}

@@ -71,8 +71,27 @@ class RunLog:
         """Flush TensorBoard, draw the plot, and hand the finished run to the tracker."""
         self.tb.close()
         plot(self.rounds, self.run_dir / "metrics.png", str(self.meta.get("title", "fedshop")))
+        final = (self.rounds[-1].get("server") or {}) if self.rounds else {}
+        if "confusion" in final:
+            plot_confusion(final["confusion"], list(self.meta.get("labels", [])), self.run_dir / "confusion.png",
+                           f"{self.meta.get('title', 'fedshop')}: round {self.rounds[-1]['round']}, "
+                           f"{final.get('num-examples', sum(map(sum, final['confusion'])))} test pairs")
         if self.tracker is not None:
             self.tracker.finish(self.run_dir, str(self.meta.get("status")))
+
+
+def final_line(final: dict[str, Any]) -> str:
+    """The final metrics as one line: every number, then recall per class (`recall exact 0.91, ...`)."""
+    parts = [f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)]
+    if isinstance(final.get("recall"), dict):
+        parts.append("recall " + ", ".join(f"{k} {v:.3f}" for k, v in final["recall"].items()))
+    return " | ".join(parts)
+
+
+def objective(final: dict[str, Any], metric: str) -> float:
+    """The final metric a run returns to Hydra (what a sweeper such as Optuna maximises); 0.0 when absent."""
+    value = final.get(metric)
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -81,7 +100,8 @@ def summary_line(record: dict[str, Any]) -> str:
     parts = [f"round {record['round']}"]
     if "loss" in s:
         parts.append(f"loss {s['loss']:.4f}")
-    for key, name in (("accuracy", "acc"), ("macro_f1", "macro-F1"), ("ndcg@10", "nDCG@10")):
+    for key, name in (("accuracy", "acc"), ("macro_f1", "macro-F1"), ("ndcg@10", "nDCG@10"),
+                      ("catalog_ndcg@10", "catalog nDCG@10")):
         if key in s:
             parts.append(f"{name} {s[key]:.3f}")
     if record.get("train") and wire.TRAIN_LOSS in record["train"]:
@@ -105,7 +125,7 @@ def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [r["round"] for r in rounds]
-    for key in ("accuracy", "macro_f1", "ndcg@10"):
+    for key in ("accuracy", "macro_f1", "ndcg@10", "catalog_ndcg@10"):
         ys = [(r.get("server") or {}).get(key) for r in rounds]
         if any(y is not None for y in ys):
             ax1.plot(xs, ys, marker="o", label=key)
@@ -124,6 +144,32 @@ def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: list[list[float]], labels: list[str], path: Path, title: str) -> None:
+    """The confusion matrix as a PNG: counts, and each true label's row as a share (the colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=np.float64)
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1e-12)
+    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(len(m)):
+        for j in range(len(m)):
+            ax.text(j, i, f"{m[i, j]:.0f}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks(range(len(labels)), labels, rotation=30)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (row share = recall)")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

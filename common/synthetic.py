@@ -9,6 +9,7 @@ matches, right-type-wrong-attribute substitutes, sibling-type substitutes, acces
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 ESCI_LABELS = ["exact", "substitute", "complement", "irrelevant"]
@@ -156,6 +157,34 @@ class _Product:
             title += rng.choice([", free shipping", " - 1 year warranty", " (renewed)", ", gift box"])
         return title
 
+    def value(self, dim: str) -> str | None:
+        """The product's value of an attribute dimension (colour, or its type's first dimension)."""
+        if dim == "color":
+            return self.color
+        return self.attr if self.ptype.dims and self.ptype.dims[0] == dim else None
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What a query asks for: a product type, attribute values, and a brand ("" when it names none)."""
+
+    ptype: ProductType
+    wanted: dict[str, str]
+    brand: str
+
+
+def judge(intent: Intent, product: _Product) -> str:
+    """The ESCI label of a product for a query, by the rules every generated label follows: the asked type with
+    every asked attribute and brand is exact, the type with one wrong (or a sibling type) a substitute, an
+    accessory of the type a complement, anything else irrelevant."""
+    t, want = product.ptype, intent.ptype
+    if t.name == want.name:
+        fits = all(product.value(d) == v for d, v in intent.wanted.items())
+        return "exact" if fits and (not intent.brand or product.brand == intent.brand) else "substitute"
+    if t.name in want.siblings:
+        return "substitute"
+    return "complement" if t.name in want.accessories else "irrelevant"
+
 
 def _product(rng: random.Random, ptype: ProductType, fixed: dict[str, str], brand: str = "") -> _Product:
     color = fixed.get("color") or rng.choice(list(COLORS))
@@ -193,68 +222,166 @@ def _merchant_profiles(rng: random.Random, num_merchants: int, concentration: fl
     return profiles
 
 
-def _allocate(rng: random.Random, total: int, weights: list[float], minimum: int) -> list[int]:
+def _allocate(total: int, weights: list[float], minimum: int) -> list[int]:
     """Split `total` items over weights, at least `minimum` each (long tail kept)."""
     s = sum(weights)
-    counts = [max(minimum, int(round(total * w / s))) for w in weights]
-    return counts
+    return [max(minimum, int(round(total * w / s))) for w in weights]
+
+
+def _intent(rng: random.Random, mix: list[float]) -> tuple[Intent, str, str]:
+    """A shopper's intent drawn from a merchant's category mix, the query text they type for it, and the brand
+    drawn with it (named by the query or not: it also brands one irrelevant candidate)."""
+    category = rng.choices(CATEGORIES, weights=mix)[0]
+    ptype = rng.choice([t for t in TYPES if t.category == category])
+    wanted: dict[str, str] = {}
+    if rng.random() < 0.7:
+        wanted["color"] = rng.choice(list(COLORS))
+    if ptype.dims and rng.random() < 0.6:
+        wanted[ptype.dims[0]] = rng.choice(list(DIMS[ptype.dims[0]]))
+    brand = rng.choice(BRANDS)
+    query, brand_wanted = _query(rng, ptype, wanted, brand)
+    return Intent(ptype, wanted, brand if brand_wanted else ""), query, brand
+
+
+def _candidates(rng: random.Random, intent: Intent, brand: str) -> list[_Product]:
+    """The products judged for a query: exact matches, substitutes (another brand, one wrong attribute or a
+    sibling type), an accessory, and irrelevant products, one of them of the query's category and brand."""
+    ptype, wanted = intent.ptype, intent.wanted
+    cands = [_product(rng, ptype, wanted, intent.brand) for _ in range(rng.randint(2, 3))]
+    for _ in range(rng.randint(1, 2)):
+        if intent.brand and rng.random() < 0.4:
+            cands.append(_product(rng, ptype, wanted, rng.choice([b for b in BRANDS if b != intent.brand])))
+        elif wanted and rng.random() < 0.7:
+            dim = rng.choice(list(wanted))
+            cands.append(_product(rng, ptype, dict(wanted, **{dim: _mismatch(rng, dim, wanted[dim])}),
+                                  intent.brand))
+        elif ptype.siblings:
+            sib = TYPE_BY_NAME[rng.choice(ptype.siblings)]
+            cands.append(_product(rng, sib, {"color": wanted.get("color", "")}))
+    if ptype.accessories:
+        cands.append(_product(rng, TYPE_BY_NAME[rng.choice(ptype.accessories)], {"color": wanted.get("color", "")}))
+    same_cat = [t for t in TYPES if t.category == ptype.category and t.name != ptype.name
+                and t.name not in ptype.accessories and t.name not in ptype.siblings]
+    others = [t for t in TYPES if t.category != ptype.category]
+    hard = rng.choice(same_cat) if same_cat else rng.choice(others)
+    cands.append(_product(rng, hard, {"color": wanted.get("color", "")}, brand))
+    cands.append(_product(rng, rng.choice(others), {}))
+    rng.shuffle(cands)
+    return cands
+
+
+def _queries(rng: random.Random, profiles: list[tuple[float, list[float]]],
+             counts: list[int]) -> Iterator[tuple[str, Intent, str, list[_Product]]]:
+    """(merchant, intent, query text, judged candidates) for counts[m] queries of every merchant m, drawn lazily
+    (the caller's own draws for a query's rows come before the next query's)."""
+    for m, ((_, mix), n_queries) in enumerate(zip(profiles, counts, strict=True)):
+        for _ in range(n_queries):
+            intent, query, brand = _intent(rng, mix)
+            yield f"merchant_{m:02d}", intent, query, _candidates(rng, intent, brand)
 
 
 def generate_relevance(num_merchants: int = 8, num_queries: int = 300, seed: int = 0,
                        concentration: float = 0.3, label_noise: float = 0.02) -> list[dict[str, object]]:
-    """Query-product pairs labelled exact/substitute/complement/irrelevant, one merchant each."""
+    """Query-product pairs labelled exact/substitute/complement/irrelevant by `judge`, one merchant each; a
+    fraction label_noise of labels is then redrawn at random (annotator noise)."""
     rng = random.Random(seed)
     profiles = _merchant_profiles(rng, num_merchants, concentration)
-    per_merchant = _allocate(rng, num_queries, [p[0] for p in profiles], minimum=8)
+    counts = _allocate(num_queries, [p[0] for p in profiles], minimum=8)
     rows: list[dict[str, object]] = []
-    qid = 0
-    for m, ((_, mix), n_queries) in enumerate(zip(profiles, per_merchant, strict=True)):
-        merchant = f"merchant_{m:02d}"
-        for _ in range(n_queries):
-            category = rng.choices(CATEGORIES, weights=mix)[0]
-            ptype = rng.choice([t for t in TYPES if t.category == category])
-            wanted: dict[str, str] = {}
-            if rng.random() < 0.7:
-                wanted["color"] = rng.choice(list(COLORS))
-            if ptype.dims and rng.random() < 0.6:
-                wanted[ptype.dims[0]] = rng.choice(list(DIMS[ptype.dims[0]]))
-            brand = rng.choice(BRANDS)
-            query, brand_wanted = _query(rng, ptype, wanted, brand)
-            exact_brand = brand if brand_wanted else ""
-            cands: list[tuple[_Product, str]] = []
-            for _ in range(rng.randint(2, 3)):
-                cands.append((_product(rng, ptype, wanted, exact_brand), "exact"))
-            for _ in range(rng.randint(1, 2)):
-                if brand_wanted and rng.random() < 0.4:
-                    other_brand = rng.choice([b for b in BRANDS if b != brand])
-                    cands.append((_product(rng, ptype, wanted, other_brand), "substitute"))
-                elif wanted and rng.random() < 0.7:
-                    dim = rng.choice(list(wanted))
-                    fixed = dict(wanted, **{dim: _mismatch(rng, dim, wanted[dim])})
-                    cands.append((_product(rng, ptype, fixed, exact_brand), "substitute"))
-                elif ptype.siblings:
-                    sib = TYPE_BY_NAME[rng.choice(ptype.siblings)]
-                    cands.append((_product(rng, sib, {"color": wanted.get("color", "")}), "substitute"))
-            if ptype.accessories:
-                acc = TYPE_BY_NAME[rng.choice(ptype.accessories)]
-                cands.append((_product(rng, acc, {"color": wanted.get("color", "")}), "complement"))
-            same_cat = [t for t in TYPES if t.category == category and t.name != ptype.name
-                        and t.name not in ptype.accessories and t.name not in ptype.siblings]
-            others = [t for t in TYPES if t.category != category]
-            hard = rng.choice(same_cat) if same_cat else rng.choice(others)
-            cands.append((_product(rng, hard, {"color": wanted.get("color", "")}, brand), "irrelevant"))
-            cands.append((_product(rng, rng.choice(others), {}), "irrelevant"))
-            rng.shuffle(cands)
-            for product, label in cands:
-                if rng.random() < label_noise:
-                    label = rng.choice(ESCI_LABELS)
-                rows.append({
-                    "query_id": f"q{qid:05d}", "query": query, "product_id": f"p{len(rows):06d}",
-                    "product_title": product.title(rng), "category": product.ptype.category,
-                    "esci_label": label, "merchant": merchant,
-                })
-            qid += 1
+    for qid, (merchant, intent, query, cands) in enumerate(_queries(rng, profiles, counts)):
+        for product in cands:
+            label = judge(intent, product)
+            if rng.random() < label_noise:
+                label = rng.choice(ESCI_LABELS)
+            rows.append({
+                "query_id": f"q{qid:05d}", "query": query, "product_id": f"p{len(rows):06d}",
+                "product_title": product.title(rng), "category": product.ptype.category,
+                "esci_label": label, "merchant": merchant,
+            })
     return rows
+
+
+SIZE_DIMS = ("size", "shoe_size", "storage", "capacity", "weight")
+HARD_KINDS = ("colour", "size", "brand", "sibling", "accessory")
+
+
+@dataclass
+class JudgedSet:
+    """The built-in marketplace's held-out evaluation: judged (query, product) pairs, a catalog of every product
+    they name judged against every query, and hard queries (one exact product among close confusers)."""
+
+    rows: list[dict[str, object]]
+    queries: list[str]
+    catalog: list[dict[str, str]]
+    judgements: list[list[str]]  # judgements[q][p]: the label of catalog product p for query q
+    hard: list[dict[str, object]]  # kind, query, titles (the exact product first)
+
+
+def generate_judged(num_merchants: int, num_queries: int, seed: int, concentration: float,
+                    num_hard: int) -> JudgedSet:
+    """A held-out test set of num_queries fresh queries from the same merchants as generate_relevance(seed)
+    (their sizes and category mixes), labelled by `judge` without noise, plus its catalog and hard queries."""
+    profiles = _merchant_profiles(random.Random(seed), num_merchants, concentration)
+    rng = random.Random(f"fedshop-judged:{seed}")
+    counts = _allocate(num_queries, [p[0] for p in profiles], minimum=1)
+    rows: list[dict[str, object]] = []
+    queries: list[str] = []
+    intents: list[Intent] = []
+    products: list[_Product] = []
+    catalog: list[dict[str, str]] = []
+    for qid, (merchant, intent, query, cands) in enumerate(_queries(rng, profiles, counts)):
+        queries.append(query)
+        intents.append(intent)
+        for product in cands:
+            pid = f"c{len(catalog):06d}"
+            title = product.title(rng)
+            products.append(product)
+            catalog.append({"id": pid, "title": title, "category": product.ptype.category, "brand": product.brand,
+                            "type": product.ptype.name})
+            rows.append({"query_id": f"t{qid:05d}", "query": query, "product_id": pid, "product_title": title,
+                         "category": product.ptype.category, "esci_label": judge(intent, product),
+                         "merchant": merchant})
+    judgements = [[judge(intent, p) for p in products] for intent in intents]
+    return JudgedSet(rows, queries, catalog, judgements, _hard_queries(rng, num_hard))
+
+
+def _hard_query(rng: random.Random, kind: str) -> dict[str, object]:
+    """One hard query of `kind`: the exact product's title first, then three confusers judged below it."""
+    if kind == "size":
+        ptype = rng.choice([t for t in TYPES if t.dims and t.dims[0] in SIZE_DIMS])
+    elif kind in ("sibling", "accessory"):
+        ptype = rng.choice([t for t in TYPES if (t.siblings if kind == "sibling" else t.accessories)])
+    else:
+        ptype = rng.choice(TYPES)
+    wanted = {"color": rng.choice(list(COLORS))}
+    if kind == "size":
+        wanted[ptype.dims[0]] = rng.choice(list(DIMS[ptype.dims[0]]))
+    brand = rng.choice(BRANDS) if kind == "brand" else ""
+    intent = Intent(ptype, wanted, brand)
+    exact = _product(rng, ptype, wanted, brand)
+    confusers = []
+    for _ in range(3):
+        if kind == "colour":
+            other = _product(rng, ptype, dict(wanted, color=_mismatch(rng, "color", wanted["color"])), exact.brand)
+        elif kind == "size":
+            dim = ptype.dims[0]
+            other = _product(rng, ptype, dict(wanted, **{dim: _mismatch(rng, dim, wanted[dim])}), exact.brand)
+        elif kind == "brand":
+            other = _product(rng, ptype, wanted, rng.choice([b for b in BRANDS if b != brand]))
+        else:
+            related = ptype.siblings if kind == "sibling" else ptype.accessories
+            other = _product(rng, TYPE_BY_NAME[rng.choice(related)], {"color": wanted["color"]}, exact.brand)
+        confusers.append(other)
+    query, _ = _query(rng, ptype, wanted, brand)
+    if brand and brand.lower() not in query:
+        query = f"{brand.lower()} {query}"
+    assert judge(intent, exact) == "exact" and all(judge(intent, c) != "exact" for c in confusers)
+    return {"kind": kind, "query": query, "titles": [p.title(rng) for p in [exact, *confusers]]}
+
+
+def _hard_queries(rng: random.Random, n: int) -> list[dict[str, object]]:
+    """n hard queries, the kinds in turn."""
+    return [_hard_query(rng, HARD_KINDS[i % len(HARD_KINDS)]) for i in range(n)]
 
 
 POSITIVE = ["works perfectly", "exceeded my expectations", "is exactly as described", "feels really sturdy",
@@ -272,7 +399,7 @@ def generate_reviews(num_merchants: int = 8, num_reviews: int = 1500, seed: int 
     """Product reviews labelled negative/neutral/positive, including negations and mixed opinions."""
     rng = random.Random(seed + 1)
     profiles = _merchant_profiles(rng, num_merchants, concentration)
-    per_merchant = _allocate(rng, num_reviews, [p[0] for p in profiles], minimum=20)
+    per_merchant = _allocate(num_reviews, [p[0] for p in profiles], minimum=20)
     rows: list[dict[str, object]] = []
     for m, ((_, mix), n) in enumerate(zip(profiles, per_merchant, strict=True)):
         for _ in range(n):

@@ -136,7 +136,7 @@ class MlflowTracker:
         for name in ("model", "adapter"):
             if (run_dir / name).is_dir():
                 self._call(f"uploading {name}/", self.client.log_artifacts, self.run_id, str(run_dir / name), name)
-        for name in ("results.json", "metrics.png", "resolved_config.yaml"):
+        for name in ("results.json", "metrics.png", "confusion.png", "resolved_config.yaml"):
             if (run_dir / name).is_file():
                 self._call(f"uploading {name}", self.client.log_artifact, self.run_id, str(run_dir / name))
         self._call("ending the run", self.client.set_terminated, self.run_id,

@@ -6,11 +6,12 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
@@ -76,6 +77,30 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Op
     return torch.optim.AdamW(groups, lr=cfg.lr), [p for _, p in trainable]
 
 
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def criterion(cfg: TrainConfig, labels: list[int], num_labels: int) -> Criterion:
+    """train.loss as a function of (logits, labels): cross-entropy; `balanced`, cross-entropy weighted by the
+    inverse frequency of each label in this merchant's own training split (every present label weighs the same in
+    total); `focal`, focal loss (Lin et al. 2017), -(1 - p_true)^train.focal_gamma * log p_true, averaged."""
+    if cfg.loss == "balanced":
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).astype(np.float64)
+        present = counts > 0
+        weights = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1.0)), 0.0)
+        w = torch.tensor(weights, dtype=torch.float32)
+        return lambda logits, y: F.cross_entropy(logits.float(), y, weight=w.to(logits.device))
+    if cfg.loss == "focal":
+        gamma = cfg.focal_gamma
+
+        def focal(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logp = F.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1)
+            return (-((1.0 - logp.exp()) ** gamma) * logp).mean()
+
+        return focal
+    return lambda logits, y: F.cross_entropy(logits.float(), y)
+
+
 def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
           epochs: int, seed: int, proximal_mu: float = 0.0, desc: str = "train",
           dp: RecordDP | None = None) -> dict[str, float]:
@@ -95,6 +120,8 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
         opt, loader = dp.attach(model, opt, loader)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    num_labels = int(model.config.num_labels)  # type: ignore[union-attr, arg-type]
+    loss_of = criterion(cfg, ds["label"], num_labels)  # DP-SGD uses Opacus's (the config allows only ce then)
     total_loss, seen = 0.0, 0
     try:
         for epoch in range(epochs):
@@ -105,7 +132,7 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
                     batch = dp.per_example_inputs(model, batch)
                 with _autocast(device):
                     out = model(**batch)
-                loss = out.loss if dp is None else dp.loss(out, batch["labels"])
+                loss = loss_of(out.logits, batch["labels"]) if dp is None else dp.loss(out, batch["labels"])
                 if anchor:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                     loss = loss + 0.5 * proximal_mu * prox

@@ -22,6 +22,7 @@ from common import model as M
 from common import train as T
 from common.config import FedshopConfig, training_json
 from common.errors import FedshopError
+from common.evaluation import Evaluation
 from common.results import RunLog
 from common.tracking import open_tracker
 from server import flower_patches
@@ -63,8 +64,7 @@ class Federation:
         test_raw, self.labels = D.load_test(cfg)
         self.tokenizer = M.load_tokenizer(cfg.model)
         self.model = M.build_model(cfg.model, self.labels, cfg.seed, cfg.finetune)
-        self.test = M.tokenize(test_raw, self.tokenizer, cfg.train.max_length, cfg.data.num_proc)
-        self.gains = D.label_gains(cfg.data, self.labels)
+        self.evaluation = Evaluation(cfg, test_raw, self.labels, self.tokenizer)
         self.base_fingerprint = exchange.fingerprint(self.model)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval, self.base_fingerprint,
@@ -83,7 +83,8 @@ class Federation:
             log.info("live page: %s", self.live.url)
         self.connected, self.round_started = 0, time.time()
         meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": self.labels,
-                "test_examples": len(self.test), "test_digest": D.rows_digest(test_raw), "finetune": cfg.finetune.name,
+                "test_examples": len(self.evaluation.pairs), "evaluation": self.evaluation.describe(),
+                "test_digest": D.rows_digest(test_raw), "finetune": cfg.finetune.name,
                 "base_fingerprint": self.base_fingerprint, "live_page": self.live.url if self.live else None,
                 "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}
         self.runlog = RunLog(run_dir, meta, self.payload["history"] if self.payload is not None else None, tracker)
@@ -97,10 +98,10 @@ class Federation:
         strategy = make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, population)
         return Aggregator.for_config(strategy, wire.spec(exchange.extract(self.model)), cfg)
 
-    def server_eval(self, weights: dict[str, Any]) -> dict[str, float]:
-        """The global model's metrics on the held-out test set."""
+    def server_eval(self, weights: dict[str, Any], full: bool = False) -> dict[str, Any]:
+        """The global model's metrics on the held-out test set: its round subset, or all of it."""
         exchange.load(self.model, weights)
-        return T.evaluate(self.model, self.test, self.tokenizer, self.cfg.train, self.gains)
+        return self.evaluation(self.model, full)
 
     def checkpoint(self, rnd: int, weights: dict[str, Any]) -> None:
         """Write round rnd's checkpoint (atomic), then delete those checkpoint.keep_last and best_metric let go."""
@@ -127,6 +128,7 @@ class Federation:
             weights, start = exchange.extract(self.model), 1
             t0 = time.time()
             self.runlog.add({"round": 0, "server": self.server_eval(weights), "seconds": time.time() - t0})
+            self.runlog.write(baselines=self.evaluation.baselines())
             self.checkpoint(0, weights)
         self.runlog.write(status="running")
         self.show("running", start, "starting")
@@ -228,7 +230,7 @@ class Federation:
         self.show("running", rnd, "evaluating")
         evaluation = self.evaluate_round(rnd, arrays) if last or not self.cfg.strategy.evaluate_with_train else None
         weights = wire.from_arrays(arrays)
-        server = self.server_eval(weights)
+        server = self.server_eval(weights, full=last)
         record = round_json(rnd, server, result, failed, evaluation, self.grid.names, time.time() - t0)
         if self.cfg.privacy.record_level:
             record["record_privacy"] = record_privacy(result.report, self.grid.names,
@@ -246,6 +248,8 @@ class Federation:
             if (stopped := self.budget_stop(rnd)) is not None:
                 break
             arrays = self.run_round(rnd, arrays)
+        if self.runlog.rounds[-1]["server"].get("eval") != "full":  # stopped early: the final model scored in full
+            self.runlog.update(self.runlog.rounds[-1]["round"], server=self.server_eval(wire.from_arrays(arrays), True))
         exchange.load(self.model, wire.from_arrays(arrays))
         M.save_final(self.model, self.tokenizer, self.labels, self.run_dir / "model", self.run_dir / "adapter")
         final = self.runlog.rounds[-1]["server"]

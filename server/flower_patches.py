@@ -13,8 +13,8 @@ server/federation.py); importing this module changes nothing.
    is lost at setup or key sharing.
 4. AdaptiveNoiseFix (overrides the private `_add_noise_to_aggregated_arrays`): Flower's adaptive clipping
    noises the mean with the next round's clipping norm instead of the one the updates were clipped to.
-5. fedadam_state / load_fedadam_state: FedAdam's moments (`m_t`, `v_t`) are not part of any Flower API, but a
-   resume must restore them.
+5. server_opt_state / load_server_opt_state: the server optimisers' state (FedAdam's, FedYogi's and FedAdagrad's
+   moments `m_t` / `v_t`, FedAvgM's `momentum_vector`) is not part of any Flower API, but a resume must restore it.
 6. record_simulated_nodes: in a simulation the ServerApp cannot see which partition (merchant) each node id
    stands for, so it would have to ask every node with a message: 10,000 messages before round 1 with
    10,000 virtual merchants. The simulation engine's node registration is wrapped to keep its mapping.
@@ -34,7 +34,8 @@ from flwr.server.workflow import SecAggPlusWorkflow as FlowerSecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_workflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam
+from flwr.serverapp.strategy import FedAvgM
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from common import flower_version, privacy_math
 
@@ -135,18 +136,25 @@ class AdaptiveNoiseFix:
             self.clipping_norm = updated
 
 
-def fedadam_state(strategy: Any) -> dict[str, dict[str, np.ndarray]]:
-    """FedAdam's first and second moments ({} for another strategy, or before its first round)."""
-    if not isinstance(strategy, FedAdam):
-        return {}
-    require("fedadam_state")
-    return {key: {k: np.ascontiguousarray(v) for k, v in getattr(strategy, key).items()}
-            for key in ("m_t", "v_t") if getattr(strategy, key, None)}
+def server_opt_state(strategy: Any) -> dict[str, dict[str, np.ndarray]]:
+    """The server optimiser's state: FedOpt's (FedAdam, FedYogi, FedAdagrad) moments by array name, FedAvgM's
+    momentum by position ({} for another strategy, or before its first round)."""
+    if isinstance(strategy, FedOpt):
+        require("server_opt_state")
+        return {key: {k: np.ascontiguousarray(v) for k, v in getattr(strategy, key).items()}
+                for key in ("m_t", "v_t") if getattr(strategy, key, None)}
+    if isinstance(strategy, FedAvgM) and strategy.momentum_vector is not None:
+        require("server_opt_state")
+        return {"momentum_vector": {str(i): np.ascontiguousarray(v) for i, v in enumerate(strategy.momentum_vector)}}
+    return {}
 
 
-def load_fedadam_state(strategy: Any, state: dict[str, dict[str, np.ndarray]]) -> None:
-    """Inverse of fedadam_state."""
+def load_server_opt_state(strategy: Any, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Inverse of server_opt_state."""
     if state:
-        require("fedadam_state")
+        require("server_opt_state")
     for key, value in state.items():
-        setattr(strategy, key, {k: np.asarray(v) for k, v in value.items()})
+        if key == "momentum_vector":
+            strategy.momentum_vector = [np.asarray(value[str(i)]) for i in range(len(value))]
+        else:
+            setattr(strategy, key, {k: np.asarray(v) for k, v in value.items()})

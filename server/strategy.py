@@ -18,11 +18,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    FedYogi,
     Krum,
     MultiKrum,
     Strategy,
@@ -71,9 +74,15 @@ def build_strategy(cfg: StrategyConfig) -> FedAvg:
                          num_nodes_to_select=_set(cfg.num_nodes_to_select), **common)
     if cfg.name == "fedprox":
         return FedProx(proximal_mu=_set(cfg.proximal_mu), **common)
-    if cfg.name == "fedadam":
-        return FedAdam(eta=_set(cfg.eta), eta_l=_set(cfg.eta_l), beta_1=_set(cfg.beta_1), beta_2=_set(cfg.beta_2),
-                       tau=_set(cfg.tau), **common)
+    if cfg.name in ("fedadam", "fedyogi"):
+        opt = FedAdam if cfg.name == "fedadam" else FedYogi
+        return opt(eta=_set(cfg.eta), eta_l=_set(cfg.eta_l), beta_1=_set(cfg.beta_1), beta_2=_set(cfg.beta_2),
+                   tau=_set(cfg.tau), **common)
+    if cfg.name == "fedadagrad":
+        return FedAdagrad(eta=_set(cfg.eta), eta_l=_set(cfg.eta_l), tau=_set(cfg.tau), **common)
+    if cfg.name == "fedavgm":
+        return FedAvgM(server_learning_rate=_set(cfg.server_learning_rate), server_momentum=_set(cfg.server_momentum),
+                       **common)
     return FedAvg(**common)
 
 
@@ -268,8 +277,8 @@ class Aggregator:
         return self.strategy if isinstance(self.strategy, Private) else None
 
     def state(self) -> dict[str, Any]:
-        """Strategy state that a resume must restore (FedAdam moments, DP accountant); torch.save-safe."""
-        out: dict[str, Any] = dict(flower_patches.fedadam_state(self.strategy))
+        """Strategy state that a resume must restore (server optimiser moments, DP accountant); torch.save-safe."""
+        out: dict[str, Any] = dict(flower_patches.server_opt_state(self.strategy))
         if self.ledger_strategy is not None:
             out["privacy"] = self.ledger_strategy.privacy_state()
         return out
@@ -277,7 +286,7 @@ class Aggregator:
     def load_state(self, state: dict[str, Any]) -> None:
         """Inverse of state()."""
         moments = {k: v for k, v in state.items() if k != "privacy"}
-        flower_patches.load_fedadam_state(self.strategy, moments)
+        flower_patches.load_server_opt_state(self.strategy, moments)
         if "privacy" in state and self.ledger_strategy is not None:
             self.ledger_strategy.load_privacy_state(state["privacy"])
 

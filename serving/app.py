@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from common.config import ServingConfig
 from common.errors import FedshopError
+from common.retrieval import Encoder, retriever_path
 from serving.batching import MicroBatcher
 from serving.catalog import Catalog
 from serving.index import Index
 from serving.metrics import Metrics
-from serving.ranker import Encoder, Ranker
+from serving.ranker import Ranker
 from serving.rules import Ranked, Rules, rerank
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,6 @@ def create_app(service: Service) -> FastAPI:
 
 def load_service(cfg: ServingConfig) -> Service:
     """Load catalog, ranker and (unless disabled) the retrieval index; raises FedshopError on bad input."""
-    from common.model import minilm_path
     from serving.catalog import load_catalog
 
     if not cfg.model_dir:
@@ -198,6 +197,6 @@ def load_service(cfg: ServingConfig) -> Service:
         raise FedshopError("serving.catalog: the product catalog file is required")
     catalog = load_catalog(cfg.catalog)
     ranker = Ranker(cfg.model_dir, cfg.form, cfg.max_length, cfg.gains, cfg.int8_fp32_layers)
-    retriever = Path(cfg.retriever).expanduser() if cfg.retriever else Path(minilm_path())
+    retriever = retriever_path(cfg.retriever)
     index = Index(Encoder(retriever, cfg.max_length), catalog, cfg.ann_min_products, cfg.ann_m, cfg.ann_ef_search)
     return Service(cfg, catalog, ranker, index)

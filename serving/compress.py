@@ -32,8 +32,9 @@ from common.config import CompressConfig, FedshopConfig
 from common.errors import FedshopError
 from common.metrics import classification_report
 from common.model import LABELS_FILE
+from common.retrieval import Encoder, retriever_path
 from serving.catalog import Catalog, load_catalog
-from serving.ranker import Encoder, Ranker, quantize_int8
+from serving.ranker import Ranker, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +254,8 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
         raise FedshopError(f"serving.compress.query_log={log_path}: not found")
     query_log = [q.strip() for q in log_path.read_text().splitlines() if q.strip()]
     teacher = Ranker(teacher_dir, "fp32", v.max_length, v.gains)
-    from common.model import minilm_path
 
-    encoder = Encoder(Path(v.retriever).expanduser() if v.retriever else Path(minilm_path()), v.max_length)
+    encoder = Encoder(retriever_path(v.retriever), v.max_length)
     pairs = unlabeled_pairs(catalog, query_log, encoder, c.distill_pairs_per_query, cfg.seed)
     calibration = random.Random(cfg.seed).sample(pairs, min(c.calibration_pairs, len(pairs)))
     pruned = keep_layers(teacher_dir, list(c.student_layers), out / "pruned")

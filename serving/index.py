@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from common.errors import FedshopError
+from common.retrieval import Encoder
 from serving.catalog import Catalog
-from serving.ranker import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """`python -m serving.make_catalog OUT [overrides]`: a product catalog and query log from the built-in marketplace.
 
 Writes OUT/catalog.csv (id, title, category, brand, price, stock, margin, promoted: one row per distinct
-product title, business fields drawn from a fixed seed), OUT/queries.jsonl (the held-out test split:
-query, the catalog id of each judged product and its label) and OUT/query_log.txt (the marketplace's own
-search log, one query per line: fresh queries from another seed, disjoint from every merchant's data; what
-distillation trains on).
+product title of the training data and the held-out catalog, business fields drawn from a fixed seed),
+OUT/queries.jsonl (the held-out test set: query, the catalog id of each judged product and its label) and
+OUT/query_log.txt (the marketplace's own search log, one query per line: fresh queries from another seed,
+disjoint from every merchant's data; what distillation trains on).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def write_catalog(cfg: FedshopConfig, out: Path) -> tuple[Path, Path]:
     rng = random.Random(cfg.seed)
     ids: dict[str, str] = {}
     rows = []
-    for title, category in zip(raw["product_title"], raw["category"], strict=True):
+    judged_set = D.judged_set(cfg)
+    held_out = [(p["title"], p["category"]) for p in judged_set.catalog] if judged_set is not None else []
+    for title, category in [*zip(raw["product_title"], raw["category"], strict=True), *held_out]:
         if title in ids:
             continue
         ids[title] = f"p{len(ids):05d}"

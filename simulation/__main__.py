@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from common import logs  # noqa: E402
 from common.config import FedshopConfig  # noqa: E402
 from common.errors import FedshopError  # noqa: E402
+from common.results import final_line, objective  # noqa: E402
 
 log = logging.getLogger("fedshop")
 
@@ -26,7 +27,6 @@ def run(cfg_raw: DictConfig, run_dir: Path) -> dict[str, float]:
     """Validate config and data up front, then run the configured mode; returns final test metrics."""
     from common import data as D
     from common import model as M
-    from common import wire
     from common.config import to_typed
 
     cfg = to_typed(cfg_raw)
@@ -52,7 +52,7 @@ def run(cfg_raw: DictConfig, run_dir: Path) -> dict[str, float]:
         lock_down(cfg.simulation)  # before anything imports Ray
         _federate(cfg, run_dir, fd.names, sizes)
         final = json.loads((run_dir / "results.json").read_text())["final"]
-    log.info("final test metrics: %s", " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k != wire.NUM_EXAMPLES))
+    log.info("final test metrics: %s", final_line(final))
     log.info("run directory: %s", run_dir)
     return final
 
@@ -94,7 +94,7 @@ def main(cfg_raw: DictConfig) -> float:
         print(f"fedshop: error: {exc}", file=sys.stderr)
         logging.getLogger("fedshop").error("%s", exc)
         sys.exit(2)
-    return float(final.get("accuracy", 0.0))
+    return objective(final, cfg_raw.objective)
 
 
 if __name__ == "__main__":

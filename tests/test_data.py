@@ -186,13 +186,56 @@ def test_bad_config_values_are_named():
 
 
 def test_partitioning_is_deterministic_and_complete():
+    """Every generated row trains (in some merchant's train or val split); the held-out test set is the
+    generator's own judged queries, none of them a training query."""
     cfg = compose(["simulation.num_merchants=5"])
     a = D._build(cfg)
     b = D._build(cfg)
     assert [t["text_pair"] for t in a.train] == [t["text_pair"] for t in b.train]
-    total = sum(len(t) + len(v) for t, v in zip(a.train, a.val, strict=True)) + len(a.test)
+    total = sum(len(t) + len(v) for t, v in zip(a.train, a.val, strict=True))
     assert total == len(synthetic.generate_relevance(5, 300, seed=cfg.seed))
+    judged = D.judged_set(cfg)
+    assert judged is not None and a.test["text_pair"] == [r["product_title"] for r in judged.rows]
     assert len(set(a.test["query_id"]) & {q for t in a.train for q in t["query_id"]}) == 0
+
+
+def test_the_judge_follows_the_labelling_rules():
+    """Asked type with every asked attribute and brand: exact; one wrong, or a sibling type: substitute; an
+    accessory: complement; the rest irrelevant."""
+    t = synthetic.TYPE_BY_NAME
+    intent = synthetic.Intent(t["sofa"], {"color": "grey", "material": "leather"}, "Aurora")
+
+    def product(name: str, color: str = "grey", attr: str | None = "leather", brand: str = "Aurora"):
+        return synthetic._Product(t[name], color, attr, brand, "")
+
+    assert synthetic.judge(intent, product("sofa")) == "exact"
+    assert synthetic.judge(intent, product("sofa", color="green")) == "substitute"
+    assert synthetic.judge(intent, product("sofa", attr="velvet")) == "substitute"
+    assert synthetic.judge(intent, product("sofa", brand="Orbit")) == "substitute"
+    assert synthetic.judge(intent, product("loveseat")) == "substitute"
+    assert synthetic.judge(intent, product("throw pillow", attr="cotton")) == "complement"
+    assert synthetic.judge(intent, product("floor lamp", attr=None)) == "irrelevant"
+    anything = synthetic.Intent(t["sofa"], {}, "")
+    assert synthetic.judge(anything, product("sofa", color="red", attr="wool", brand="Orbit")) == "exact"
+
+
+def test_the_judged_test_set_is_large_noise_free_and_judges_every_catalog_product():
+    j = synthetic.generate_judged(10, 400, seed=42, concentration=0.3, num_hard=250)
+    again = synthetic.generate_judged(10, 400, seed=42, concentration=0.3, num_hard=250)
+    assert j.rows == again.rows and j.hard == again.hard
+    assert len(j.rows) >= 2000 and len(j.queries) >= 300
+    assert len(j.catalog) == len(j.rows) and len(j.judgements) == len(j.queries)
+    assert all(len(row) == len(j.catalog) for row in j.judgements)
+    by_id = {p["id"]: i for i, p in enumerate(j.catalog)}
+    for r in j.rows:  # a query's own judged pairs agree with the catalog judgement (no label noise)
+        assert j.judgements[int(str(r["query_id"])[1:])][by_id[str(r["product_id"])]] == r["esci_label"]
+    assert min(sum(x == "exact" for x in row) for row in j.judgements) >= 2
+    assert collections.Counter(r["esci_label"] for r in j.rows).keys() == set(synthetic.ESCI_LABELS)
+    train = collections.Counter(r["merchant"] for r in synthetic.generate_relevance(10, 300, seed=42))
+    test = collections.Counter(r["merchant"] for r in j.rows)
+    assert set(test) == set(train) and test.most_common(1)[0][0] == train.most_common(1)[0][0]
+    assert collections.Counter(h["kind"] for h in j.hard) == dict.fromkeys(synthetic.HARD_KINDS, 50)
+    assert all(len(h["titles"]) == 4 for h in j.hard)
 
 
 @pytest.mark.parametrize("alpha,min_tvd", [(0.1, 0.3)])

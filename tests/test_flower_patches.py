@@ -98,24 +98,29 @@ def test_canary_flowers_adaptive_clipping_still_noises_with_the_next_rounds_norm
     assert std == pytest.approx(ours.noise_multiplier * before / 3, rel=0.02)  # type: ignore[attr-defined]
 
 
-def test_canary_fedadam_still_keeps_its_moments_in_m_t_and_v_t():
-    """fedadam_state: FedAdam's moments are its m_t / v_t attributes; restored, a resumed round is identical."""
+@pytest.mark.parametrize(("name", "keys"), [("fedadam", {"m_t", "v_t"}), ("fedyogi", {"m_t", "v_t"}),
+                                           ("fedadagrad", {"m_t", "v_t"}), ("fedavgm", {"momentum_vector"})])
+def test_canary_server_optimisers_still_keep_their_state_where_it_is_saved(name, keys):
+    """server_opt_state: FedOpt's moments are its m_t / v_t attributes, FedAvgM's momentum its momentum_vector;
+    restored, a resumed round is identical."""
     theta = {"w": np.ones((4, 3), np.float32)}
     updates = [{"w": theta["w"] + i * 0.1} for i in (1, 2)]
 
     def round_of(strategy: FedAvg) -> ArrayRecord:
-        strategy.current_arrays = {k: v.copy() for k, v in theta.items()}  # type: ignore[attr-defined]
+        current = {k: v.copy() for k, v in theta.items()}
+        strategy.current_arrays = ArrayRecord(current) if name == "fedavgm" else current  # type: ignore[attr-defined]
         result = aggregator(strategy, wire.spec(theta), private=False).aggregate_train(
             sent([1, 2], theta), [reply(i + 1, u, {wire.NUM_EXAMPLES: 5}) for i, u in enumerate(updates)])
         assert result.arrays is not None
         return result.arrays
 
-    first = build_strategy(compose(["strategy=fedadam"]).strategy)
+    overrides = [f"strategy={name}", *(["strategy.server_momentum=0.9"] if name == "fedavgm" else [])]
+    first = build_strategy(compose(overrides).strategy)
     round_of(first)
-    state = server_patches.fedadam_state(first)
-    assert set(state) == {"m_t", "v_t"} and set(state["m_t"]) == {"w"}
-    resumed = build_strategy(compose(["strategy=fedadam"]).strategy)
-    server_patches.load_fedadam_state(resumed, state)
+    state = server_patches.server_opt_state(first)
+    assert set(state) == keys and all(len(v) == 1 for v in state.values())
+    resumed = build_strategy(compose(overrides).strategy)
+    server_patches.load_server_opt_state(resumed, state)
     np.testing.assert_array_equal(round_of(resumed)["w"].numpy(), round_of(first)["w"].numpy())
 
 

@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from common.metrics import accuracy, classification_report, expected_gain, macro_f1, ndcg_at_k
+from common.metrics import (
+    accuracy,
+    catalog_ranking,
+    classification_report,
+    confusion,
+    expected_gain,
+    macro_f1,
+    ndcg_at_k,
+    per_class,
+)
 
 
 def test_accuracy_and_macro_f1():
@@ -46,3 +55,23 @@ def test_report_uses_expected_gain_for_ranking():
     assert expected_gain(probs, [1, 0.1, 0.01, 0]).tolist() == pytest.approx([0.91, 0.111])
     rep = classification_report([0, 3], probs, 4, ["q", "q"], [1, 0.1, 0.01, 0])
     assert rep == {"accuracy": 1.0, "macro_f1": 1.0, "ndcg@10": pytest.approx(1.0)}
+
+
+def test_per_class_precision_recall_and_confusion():
+    y, p = [0, 0, 1, 1, 2], [0, 1, 1, 1, 0]
+    got = per_class(y, p, ["a", "b", "c"])
+    assert got["a"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert got["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert got["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert confusion(y, p, 3) == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_catalog_ranking_against_the_whole_catalog():
+    """nDCG's ideal comes from every product, not only the ranked ones; MRR and recall count exact products."""
+    gains = np.array([[1.0, 0.1, 0.0, 1.0], [0.0, 0.0, 0.1, 0.0]])
+    exact = gains == 1.0
+    got = catalog_ranking([[1, 0], [2, 3]], gains, exact, k=2)
+    ideal = 1.0 + 1.0 / math.log2(3)
+    assert got["catalog_ndcg@2"] == pytest.approx(((0.1 + 1.0 / math.log2(3)) / ideal + 1.0) / 2)
+    assert got["catalog_mrr"] == pytest.approx((1 / 2 + 0.0) / 2)
+    assert got["catalog_recall@2"] == pytest.approx(0.5)  # only query 0 has exact products: 1 of its 2

@@ -19,7 +19,8 @@ from serving.catalog import Product, load_catalog
 from serving.rules import Ranked, Rules, rerank
 from tests.conftest import ROOT, run_cli
 
-CATALOG_ARGS = ["data.synthetic.num_queries=40", "simulation.num_merchants=3"]
+CATALOG_ARGS = ["data.synthetic.num_queries=40", "data.synthetic.test_queries=40", "data.synthetic.hard_queries=10",
+                "simulation.num_merchants=3"]
 
 
 def product(pid: str, category: str = "c", price: float | None = 10.0, stock: int | None = 5,
@@ -392,8 +393,9 @@ def test_int8_mixed_keeps_the_chosen_layers_fp32_and_reaches_the_agreement_targe
 
     import torch
 
+    from common.retrieval import Encoder
     from serving.compress import choose_fp32_layers, unlabeled_pairs
-    from serving.ranker import Encoder, Ranker
+    from serving.ranker import Ranker
 
     catalog = load_catalog(assets[3])
     queries = (assets[0] / "data" / "query_log.txt").read_text().split("\n")[:20]

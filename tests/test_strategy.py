@@ -124,7 +124,7 @@ def _yaml_values(name: str) -> dict[str, Any]:
 
 FLOWER_ATTRIBUTES = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
                      "min_available_nodes", "proximal_mu", "eta", "eta_l", "beta_1", "beta_2", "tau", "beta",
-                     "num_malicious_nodes", "num_nodes_to_select")
+                     "num_malicious_nodes", "num_nodes_to_select", "server_learning_rate", "server_momentum")
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -135,6 +135,7 @@ def test_every_strategy_preset_is_flowers_with_the_yaml_values(name):
     values = _yaml_values(name)
     built = build_strategy(compose([f"strategy={name}"]).strategy)
     classes = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flower.FedAdam,
+               "fedyogi": flower.FedYogi, "fedadagrad": flower.FedAdagrad, "fedavgm": flower.FedAvgM,
                "fedmedian": flower.FedMedian, "fedtrimmedavg": flower.FedTrimmedAvg, "krum": flower.Krum,
                "multikrum": flower.MultiKrum}
     assert type(built) is classes[name]

@@ -1,0 +1,182 @@
+"""The held-out evaluation every mode and benchmark scores a model with (conf/eval/default.yaml says what it holds).
+
+- Judged pairs: accuracy, macro-F1, per-class precision/recall, confusion matrix, nDCG@10 over each query's pairs.
+- The catalog (built-in marketplace): the bi-encoder retrieves eval.catalog_top_n products for every test query and
+  the model re-ranks them by expected gain, as the service does; scored against the judgement of every product.
+- Hard queries (built-in marketplace, full evaluations only): the share whose exact product the model ranks first.
+
+Each round scores a fixed subset of eval.round_queries queries; `full=True` scores all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from transformers import PreTrainedTokenizerBase
+
+from common import data as D
+from common import model as M
+from common import synthetic, wire
+from common import train as T
+from common.config import FedshopConfig
+from common.metrics import catalog_ranking, classification_report, confusion, expected_gain, per_class
+from common.retrieval import Encoder, retriever_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Catalog:
+    """Every test query's retrieved candidates (catalog indices, retrieval order) and their tokenised pairs."""
+
+    retrieved: list[list[int]]
+    pairs: datasets.Dataset  # one row per (query, retrieved product), query-major
+    gains: np.ndarray  # (queries, products): the judged gain of every catalog product
+    exact: np.ndarray  # (queries, products): judged exact
+    baselines: dict[str, dict[str, Any]]  # retrieval alone and keyword, on every query
+
+
+def _pairs(queries: list[str], titles: list[list[str]], tokenizer: PreTrainedTokenizerBase,
+           max_length: int) -> datasets.Dataset:
+    """Tokenised (query, title) pairs, query-major, labelled 0 (the labels are not used)."""
+    rows = [{"text": q, "text_pair": t, "label": 0, "query_id": str(i)}
+            for i, (q, ts) in enumerate(zip(queries, titles, strict=True)) for t in ts]
+    return M.tokenize(datasets.Dataset.from_list(rows), tokenizer, max_length)
+
+
+def _keyword_ranking(queries: list[str], titles: list[str], k: int) -> list[list[int]]:
+    """TF-IDF (word 1-2 grams) cosine top-k over the catalog titles, per query."""
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(titles)
+    sims = (vec.transform(queries) @ vec.transform(titles).T).toarray()
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k].tolist()
+
+
+class Evaluation:
+    """The held-out test set of a run, tokenised once, with the catalog's retrieval done once."""
+
+    def __init__(self, cfg: FedshopConfig, test_raw: datasets.Dataset, labels: list[str],
+                 tokenizer: PreTrainedTokenizerBase) -> None:
+        self.cfg, self.labels, self.tokenizer = cfg, labels, tokenizer
+        self.gains = D.label_gains(cfg.data, labels)
+        self.pairs = M.tokenize(test_raw, tokenizer, cfg.train.max_length, cfg.data.num_proc)
+        self.judged = D.judged_set(cfg)
+        query_ids = list(dict.fromkeys(self.pairs["query_id"]))
+        n = cfg.eval.round_queries
+        chosen = None if n is None or n >= len(query_ids) else set(
+            sorted(query_ids, key=lambda q: D.unit_hash(cfg.seed, "eval-round", q))[:n])
+        self.round_queries = sorted(query_ids.index(q) for q in chosen) if chosen else list(range(len(query_ids)))
+        self.round_pairs = self.pairs if chosen is None else self.pairs.select(
+            [i for i, q in enumerate(self.pairs["query_id"]) if q in chosen])
+        self._catalog: _Catalog | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """results.json's `evaluation`: what is scored, per round and at the end."""
+        out: dict[str, Any] = {"test_examples": len(self.pairs), "test_queries": len(set(self.pairs["query_id"])),
+                               "round_examples": len(self.round_pairs), "round_queries": len(self.round_queries),
+                               "per_round": "subset" if len(self.round_pairs) < len(self.pairs) else "full",
+                               "final": "full"}
+        if self.judged is not None:
+            out.update(catalog_products=len(self.judged.catalog), catalog_top_n=self.cfg.eval.catalog_top_n,
+                       hard_queries=len(self.judged.hard))
+        return out
+
+    def catalog(self) -> _Catalog | None:
+        """The catalog's retrieval and judgements (computed on first use; None without a judged catalog)."""
+        if self.judged is None or self._catalog is not None:
+            return self._catalog
+        t0 = time.perf_counter()
+        j, k = self.judged, self.cfg.eval.catalog_top_n
+        titles = [p["title"] for p in j.catalog]
+        encoder = Encoder(retriever_path(self.cfg.eval.retriever or self.cfg.serving.retriever),
+                          self.cfg.train.max_length)
+        sims = encoder.encode(j.queries) @ encoder.encode(titles).T
+        retrieved = np.argsort(-sims, axis=1, kind="stable")[:, :k].tolist()
+        gain_of = {name: (self.gains or [0.0] * len(self.labels))[i] for i, name in enumerate(self.labels)}
+        gains = np.array([[gain_of[x] for x in row] for row in j.judgements])
+        exact = np.array([[x == synthetic.ESCI_LABELS[0] for x in row] for row in j.judgements])
+        pairs = _pairs(j.queries, [[titles[i] for i in r] for r in retrieved], self.tokenizer,
+                       self.cfg.train.max_length)
+        baselines: dict[str, dict[str, Any]] = {"retrieval": catalog_ranking(retrieved, gains, exact),
+                     "keyword": catalog_ranking(_keyword_ranking(j.queries, titles, 10), gains, exact)}
+        baselines["retrieval"].update(hard_first_share(self.hard_scores(encoder=encoder)))
+        baselines["keyword"].update(hard_first_share(self.hard_scores(keyword=True)))
+        self._catalog = _Catalog(retrieved, pairs, gains, exact, baselines)
+        log.info("catalog evaluation: %d products, top %d of %d queries retrieved in %.1fs; retrieval alone %s",
+                 len(titles), k, len(j.queries), time.perf_counter() - t0,
+                 {m: round(v, 4) for m, v in baselines["retrieval"].items() if isinstance(v, float)})
+        return self._catalog
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        """Retrieval alone and TF-IDF keyword ranking of the catalog, and their hard-query shares ({} without)."""
+        cat = self.catalog()
+        return {} if cat is None else cat.baselines
+
+    def hard_scores(self, model: torch.nn.Module | None = None, encoder: Encoder | None = None,
+                    keyword: bool = False) -> list[tuple[str, np.ndarray]]:
+        """(kind, scores of the query's titles, exact first) per hard query, by the model's expected gain, the
+        bi-encoder's cosine or TF-IDF's."""
+        assert self.judged is not None
+        hard = self.judged.hard
+        queries = [str(h["query"]) for h in hard]
+        titles: list[list[str]] = [list(h["titles"]) for h in hard]  # type: ignore[call-overload]
+        if model is not None:
+            probs, _ = T.predict(model, _pairs(queries, titles, self.tokenizer, self.cfg.train.max_length),
+                                 self.tokenizer, self.cfg.train)
+            flat = expected_gain(probs, self.gains or [1.0] + [0.0] * (len(self.labels) - 1))
+        elif encoder is not None:
+            qv = np.repeat(encoder.encode(queries), [len(t) for t in titles], axis=0)
+            flat = (encoder.encode([t for ts in titles for t in ts]) * qv).sum(axis=1)
+        else:
+            vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(
+                [t for ts in titles for t in ts] + queries)
+            flat = np.concatenate([(vec.transform(t) @ vec.transform([q]).T).toarray().ravel()
+                                   for q, t in zip(queries, titles, strict=True)])
+        sizes = np.cumsum([0] + [len(t) for t in titles])
+        return [(str(h["kind"]), flat[a:b]) for h, a, b in zip(hard, sizes[:-1], sizes[1:], strict=True)]
+
+    def __call__(self, model: torch.nn.Module, full: bool) -> dict[str, Any]:
+        """The model's metrics on the round subset, or (full) on the whole test set with the hard queries."""
+        ds = self.pairs if full else self.round_pairs
+        probs, loss = T.predict(model, ds, self.tokenizer, self.cfg.train)
+        y, pred = ds["label"], probs.argmax(axis=1).tolist()
+        classes = per_class(y, pred, self.labels)
+        out: dict[str, Any] = {
+            "loss": loss, **classification_report(y, probs, len(self.labels), ds["query_id"], self.gains),
+            wire.NUM_EXAMPLES: len(ds), "eval": "full" if full or ds is self.pairs else "subset",
+            "recall": {k: v["recall"] for k, v in classes.items()},
+            "precision": {k: v["precision"] for k, v in classes.items()},
+            "confusion": confusion(y, pred, len(self.labels))}
+        cat = self.catalog()
+        if cat is not None:
+            out.update(self._rerank(model, cat, list(range(len(cat.retrieved))) if full else self.round_queries))
+            if full:
+                out.update(hard_first_share(self.hard_scores(model)))
+        return out
+
+    def _rerank(self, model: torch.nn.Module, cat: _Catalog, queries: list[int]) -> dict[str, float]:
+        """Catalog metrics of the model's re-ranking of the retrieved candidates of `queries`."""
+        k = len(cat.retrieved[0])  # catalog_top_n, or the whole catalog when it is smaller
+        rows = [q * k + i for q in queries for i in range(len(cat.retrieved[q]))]
+        probs, _ = T.predict(model, cat.pairs.select(rows), self.tokenizer, self.cfg.train)
+        scores = expected_gain(probs, self.gains or [1.0] + [0.0] * (len(self.labels) - 1)).reshape(len(queries), -1)
+        ranked = [[cat.retrieved[q][i] for i in np.argsort(-s, kind="stable")] for q, s in zip(queries, scores,
+                                                                                               strict=True)]
+        return catalog_ranking(ranked, cat.gains[queries], cat.exact[queries])
+
+
+def hard_first_share(scored: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
+    """`hard_first`: the share of hard queries whose exact product (index 0) scores strictly highest, overall and
+    per kind (`hard_first_by_kind`)."""
+    firsts: dict[str, list[bool]] = {}
+    for kind, s in scored:
+        firsts.setdefault(kind, []).append(bool(s[0] > s[1:].max()))
+    every = [f for v in firsts.values() for f in v]
+    return {"hard_first": float(np.mean(every)) if every else 0.0,
+            "hard_first_by_kind": {k: float(np.mean(v)) for k, v in firsts.items()}}
