@@ -71,29 +71,30 @@ def run_centralized(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
 def run_alone(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     """Every merchant trains only on its own shard; each model is scored on the global test set.
 
-    Per round the record holds the example-weighted mean over merchants; `per_merchant` holds each
-    merchant's final scores. model/ holds the model of the largest merchant.
+    Round 0 is the untrained model every merchant starts from (scored once); the last round holds the
+    example-weighted mean over the merchants' full evaluations, and `per_merchant` each merchant's own. Rounds
+    between are not scored: ten models' evaluations would cost more than their training. model/ holds the model
+    of the largest merchant.
     """
     fd, tokenizer, evaluation = _setup(cfg)
     sizes = [len(t) for t in fd.train]
     rounds = cfg.strategy.num_rounds
-    per_round: list[list[dict[str, Any]]] = [[] for _ in range(rounds + 1)]
-    seconds = [0.0] * (rounds + 1)
+    start = evaluation(M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune), False)
+    finals: list[dict[str, Any]] = []
+    seconds = 0.0
     per_merchant: dict[str, dict[str, Any]] = {}
     largest = int(np.argmax(sizes))
     for k, (name, train) in enumerate(zip(fd.names, fd.train, strict=True)):
         model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
         tok = M.tokenize(train, tokenizer, cfg.train.max_length)
-        per_round[0].append(evaluation(model, False))
+        t0 = time.time()
         for rnd in range(1, rounds + 1):
-            t0 = time.time()
             T.train(model, tok, tokenizer, cfg.train, cfg.train.local_epochs,
                     cfg.seed * 1_000_003 + rnd * 1009 + k, desc=f"{name} alone round {rnd}")
-            per_round[rnd].append(evaluation(model, rnd == rounds))
-            seconds[rnd] += time.time() - t0
-        per_merchant[name] = {**per_round[-1][-1], "train_examples": len(train)}
-        log.info("%s alone: %s", name, {k2: round(v, 4) for k2, v in per_round[-1][-1].items()
-                                        if isinstance(v, float)})
+        seconds += time.time() - t0
+        finals.append(evaluation(model, True))
+        per_merchant[name] = {**finals[-1], "train_examples": len(train)}
+        log.info("%s alone: %s", name, {k2: round(v, 4) for k2, v in finals[-1].items() if isinstance(v, float)})
         if k == largest:
             M.save_final(model, tokenizer, fd.labels, run_dir / "model")
     runlog = RunLog(run_dir, {"mode": "alone", "labels": fd.labels, "test_examples": len(fd.test),
@@ -102,8 +103,8 @@ def run_alone(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
                               "merchants": fd.names, "model": f"largest merchant: {fd.names[largest]}",
                               "title": f"fedshop merchants alone, {cfg.model.name}"},
                     tracker=open_tracker(cfg, run_dir, "alone"))
-    for rnd, scores in enumerate(per_round):
-        runlog.add({"round": rnd, "server": _mean(scores, sizes), "seconds": seconds[rnd]})
+    runlog.add({"round": 0, "server": start, "seconds": 0.0})
+    runlog.add({"round": rounds, "server": _mean(finals, sizes), "seconds": seconds})
     final = runlog.rounds[-1]["server"]
     runlog.write(status="completed", final=final, per_merchant=per_merchant)
     runlog.close()

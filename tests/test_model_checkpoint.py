@@ -159,3 +159,29 @@ def test_lora_final_model_is_a_plain_merged_directory_and_a_peft_adapter(lora, t
     with torch.no_grad():
         np.testing.assert_allclose(probs[0], torch.softmax(M.merged(model)(**single).logits, -1)[0].numpy(),
                                    atol=1e-5)
+
+
+def test_training_losses():
+    """train.loss: ce is plain cross-entropy; balanced weighs each label by its inverse frequency in the merchant's
+    own split (every present label then weighs the same in total); focal with gamma 0 is cross-entropy."""
+    from common.train import criterion
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 0, 0, 1])
+    cfg = compose(["train.loss=ce"]).train
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert criterion(cfg, [0, 0, 0, 1], 3)(logits, y) == pytest.approx(float(ce))
+    cfg.loss = "balanced"
+    per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    w = torch.tensor([4 / 6, 4 / 6, 4 / 6, 2.0])  # 3 of label 0, 1 of label 1, none of label 2
+    assert criterion(cfg, [0, 0, 0, 1], 3)(logits, y) == pytest.approx(float((w * per).sum() / w.sum()))
+    cfg.loss, cfg.focal_gamma = "focal", 0.0
+    assert criterion(cfg, [0, 0, 0, 1], 3)(logits, y) == pytest.approx(float(ce))
+    cfg.focal_gamma = 2.0
+    p = torch.softmax(logits, -1)[torch.arange(4), y]
+    assert criterion(cfg, [0, 0, 0, 1], 3)(logits, y) == pytest.approx(float((-(1 - p) ** 2 * p.log()).mean()))
+
+
+def test_record_level_dp_refuses_a_loss_from_label_counts():
+    with pytest.raises(FedshopError, match="train.loss='balanced'.*per-example clipping does not cover"):
+        compose(["privacy=example", "train.loss=balanced"])
