@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +44,10 @@ class _Catalog:
     baselines: dict[str, dict[str, Any]]  # retrieval alone and keyword, on every query
 
 
-def _pairs(queries: list[str], titles: list[list[str]], tokenizer: PreTrainedTokenizerBase,
+def _pairs(queries: list[str], titles: list[str], tokenizer: PreTrainedTokenizerBase,
            max_length: int) -> datasets.Dataset:
-    """Tokenised (query, title) pairs, query-major, labelled 0 (the labels are not used)."""
-    rows = [{"text": q, "text_pair": t, "label": 0, "query_id": str(i)}
-            for i, (q, ts) in enumerate(zip(queries, titles, strict=True)) for t in ts]
+    """Tokenised (queries[i], titles[i]) pairs, labelled 0 (the labels are not used)."""
+    rows = [{"text": q, "text_pair": t, "label": 0} for q, t in zip(queries, titles, strict=True)]
     return M.tokenize(datasets.Dataset.from_list(rows), tokenizer, max_length)
 
 
@@ -56,6 +56,21 @@ def _keyword_ranking(queries: list[str], titles: list[str], k: int) -> list[list
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(titles)
     sims = (vec.transform(queries) @ vec.transform(titles).T).toarray()
     return np.argsort(-sims, axis=1, kind="stable")[:, :k].tolist()
+
+
+PairScorer = Callable[[list[str], list[str]], np.ndarray]
+
+
+def _cosine(encoder: Encoder) -> PairScorer:
+    """The bi-encoder's cosine of (query, title) pairs."""
+    return lambda queries, titles: (encoder.encode(queries) * encoder.encode(titles)).sum(axis=1)
+
+
+def _tfidf(texts: list[str]) -> PairScorer:
+    """TF-IDF (word 1-2 grams, fitted on `texts`) cosine of (query, title) pairs."""
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts)
+    return lambda queries, titles: np.asarray(vec.transform(queries).multiply(vec.transform(titles)).sum(axis=1)
+                                              ).ravel()
 
 
 class Evaluation:
@@ -87,29 +102,34 @@ class Evaluation:
                        hard_queries=len(self.judged.hard))
         return out
 
+    @property
+    def _gains(self) -> list[float]:
+        assert self.gains is not None  # a judged catalog exists for task=relevance only
+        return self.gains
+
     def catalog(self) -> _Catalog | None:
         """The catalog's retrieval and judgements (computed on first use; None without a judged catalog)."""
         if self.judged is None or self._catalog is not None:
             return self._catalog
         t0 = time.perf_counter()
-        j, k = self.judged, self.cfg.eval.catalog_top_n
+        j = self.judged
         titles = [p["title"] for p in j.catalog]
         encoder = Encoder(retriever_path(self.cfg.eval.retriever or self.cfg.serving.retriever),
                           self.cfg.train.max_length)
         sims = encoder.encode(j.queries) @ encoder.encode(titles).T
-        retrieved = np.argsort(-sims, axis=1, kind="stable")[:, :k].tolist()
-        gain_of = {name: (self.gains or [0.0] * len(self.labels))[i] for i, name in enumerate(self.labels)}
+        retrieved = np.argsort(-sims, axis=1, kind="stable")[:, :self.cfg.eval.catalog_top_n].tolist()
+        gain_of = dict(zip(self.labels, self._gains, strict=True))
         gains = np.array([[gain_of[x] for x in row] for row in j.judgements])
         exact = np.array([[x == synthetic.ESCI_LABELS[0] for x in row] for row in j.judgements])
-        pairs = _pairs(j.queries, [[titles[i] for i in r] for r in retrieved], self.tokenizer,
-                       self.cfg.train.max_length)
-        baselines: dict[str, dict[str, Any]] = {"retrieval": catalog_ranking(retrieved, gains, exact),
-                     "keyword": catalog_ranking(_keyword_ranking(j.queries, titles, 10), gains, exact)}
-        baselines["retrieval"].update(hard_first_share(self.hard_scores(encoder=encoder)))
-        baselines["keyword"].update(hard_first_share(self.hard_scores(keyword=True)))
+        pairs = _pairs([q for q, r in zip(j.queries, retrieved, strict=True) for _ in r],
+                       [titles[i] for r in retrieved for i in r], self.tokenizer, self.cfg.train.max_length)
+        baselines: dict[str, dict[str, Any]] = {
+            "retrieval": {**catalog_ranking(retrieved, gains, exact), **self._hard(_cosine(encoder))},
+            "keyword": {**catalog_ranking(_keyword_ranking(j.queries, titles, 10), gains, exact),
+                        **self._hard(_tfidf(titles))}}
         self._catalog = _Catalog(retrieved, pairs, gains, exact, baselines)
         log.info("catalog evaluation: %d products, top %d of %d queries retrieved in %.1fs; retrieval alone %s",
-                 len(titles), k, len(j.queries), time.perf_counter() - t0,
+                 len(titles), len(retrieved[0]), len(j.queries), time.perf_counter() - t0,
                  {m: round(v, 4) for m, v in baselines["retrieval"].items() if isinstance(v, float)})
         return self._catalog
 
@@ -118,28 +138,23 @@ class Evaluation:
         cat = self.catalog()
         return {} if cat is None else cat.baselines
 
-    def hard_scores(self, model: torch.nn.Module | None = None, encoder: Encoder | None = None,
-                    keyword: bool = False) -> list[tuple[str, np.ndarray]]:
-        """(kind, scores of the query's titles, exact first) per hard query, by the model's expected gain, the
-        bi-encoder's cosine or TF-IDF's."""
+    def _model_scores(self, model: torch.nn.Module) -> PairScorer:
+        """The model's expected gain of (query, title) pairs."""
+        def score(queries: list[str], titles: list[str]) -> np.ndarray:
+            ds = _pairs(queries, titles, self.tokenizer, self.cfg.train.max_length)
+            return expected_gain(T.predict(model, ds, self.tokenizer, self.cfg.train)[0], self._gains)
+        return score
+
+    def _hard(self, score: PairScorer) -> dict[str, Any]:
+        """hard_first shares of a pair scorer over the hard queries."""
         assert self.judged is not None
         hard = self.judged.hard
-        queries = [str(h["query"]) for h in hard]
-        titles: list[list[str]] = [list(h["titles"]) for h in hard]  # type: ignore[call-overload]
-        if model is not None:
-            probs, _ = T.predict(model, _pairs(queries, titles, self.tokenizer, self.cfg.train.max_length),
-                                 self.tokenizer, self.cfg.train)
-            flat = expected_gain(probs, self.gains or [1.0] + [0.0] * (len(self.labels) - 1))
-        elif encoder is not None:
-            qv = np.repeat(encoder.encode(queries), [len(t) for t in titles], axis=0)
-            flat = (encoder.encode([t for ts in titles for t in ts]) * qv).sum(axis=1)
-        else:
-            vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(
-                [t for ts in titles for t in ts] + queries)
-            flat = np.concatenate([(vec.transform(t) @ vec.transform([q]).T).toarray().ravel()
-                                   for q, t in zip(queries, titles, strict=True)])
-        sizes = np.cumsum([0] + [len(t) for t in titles])
-        return [(str(h["kind"]), flat[a:b]) for h, a, b in zip(hard, sizes[:-1], sizes[1:], strict=True)]
+        titles = [list(h["titles"]) for h in hard]  # type: ignore[call-overload]
+        flat = score([str(h["query"]) for h, ts in zip(hard, titles, strict=True) for _ in ts],
+                     [t for ts in titles for t in ts])
+        edges = np.cumsum([0] + [len(t) for t in titles])
+        return hard_first_share([(str(h["kind"]), flat[a:b]) for h, a, b in zip(hard, edges[:-1], edges[1:],
+                                                                                strict=True)])
 
     def __call__(self, model: torch.nn.Module, full: bool) -> dict[str, Any]:
         """The model's metrics on the round subset, or (full) on the whole test set with the hard queries."""
@@ -157,7 +172,7 @@ class Evaluation:
         if cat is not None:
             out.update(self._rerank(model, cat, list(range(len(cat.retrieved))) if full else self.round_queries))
             if full:
-                out.update(hard_first_share(self.hard_scores(model)))
+                out.update(self._hard(self._model_scores(model)))
         return out
 
     def _rerank(self, model: torch.nn.Module, cat: _Catalog, queries: list[int]) -> dict[str, float]:
@@ -165,7 +180,7 @@ class Evaluation:
         k = len(cat.retrieved[0])  # catalog_top_n, or the whole catalog when it is smaller
         rows = [q * k + i for q in queries for i in range(len(cat.retrieved[q]))]
         probs, _ = T.predict(model, cat.pairs.select(rows), self.tokenizer, self.cfg.train)
-        scores = expected_gain(probs, self.gains or [1.0] + [0.0] * (len(self.labels) - 1)).reshape(len(queries), -1)
+        scores = expected_gain(probs, self._gains).reshape(len(queries), -1)
         ranked = [[cat.retrieved[q][i] for i in np.argsort(-s, kind="stable")] for q, s in zip(queries, scores,
                                                                                                strict=True)]
         return catalog_ranking(ranked, cat.gains[queries], cat.exact[queries])

@@ -108,7 +108,7 @@ def test_canary_server_optimisers_still_keep_their_state_where_it_is_saved(name,
 
     def round_of(strategy: FedAvg) -> ArrayRecord:
         current = {k: v.copy() for k, v in theta.items()}
-        strategy.current_arrays = ArrayRecord(current) if name == "fedavgm" else current  # type: ignore[attr-defined]
+        strategy.current_arrays = wire.to_arrays(current) if name == "fedavgm" else current  # type: ignore[attr-defined]
         result = aggregator(strategy, wire.spec(theta), private=False).aggregate_train(
             sent([1, 2], theta), [reply(i + 1, u, {wire.NUM_EXAMPLES: 5}) for i, u in enumerate(updates)])
         assert result.arrays is not None

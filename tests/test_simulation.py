@@ -55,11 +55,39 @@ def test_federated_simulation_learns_and_writes_run_directory(fed_run):
     assert sum("| acc " in line for line in output.splitlines()) == 3
     # checkpoint.keep_last=2: round 0's checkpoint went once round 2's was written
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_1.pt", "round_2.pt"]
-    for name in ("metrics.png", "model/config.json",
+    for name in ("metrics.png", "confusion.png", "model/config.json",
                  "model/fedshop_labels.json", ".hydra/config.yaml", "resolved_config.yaml"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "flwr").is_dir()
+
+
+def test_a_federated_relevance_run_scores_the_judged_catalog_each_round_and_everything_at_the_end(tmp_path):
+    """The built-in marketplace's evaluation end to end: each round a fixed subset of the judged test queries, the
+    last round all of them with the hard queries; per-class recall, the confusion matrix and its picture, and
+    the catalog re-ranking beside retrieval alone and keyword in results.json."""
+    args = [*TINY, "simulation.num_merchants=3", "strategy.num_rounds=2", "data.synthetic.num_queries=40",
+            "data.synthetic.test_queries=30", "data.synthetic.hard_queries=10", "eval.round_queries=8",
+            "eval.catalog_top_n=10"]
+    proc = run_cli("simulation", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    described = results["evaluation"]
+    assert described["test_queries"] == 30 and described["round_queries"] == 8
+    assert described["catalog_products"] == described["test_examples"] == results["test_examples"]
+    assert [r["server"]["eval"] for r in results["rounds"]] == ["subset", "subset", "full"]
+    assert [r["server"]["num-examples"] for r in results["rounds"]] == [described["round_examples"]] * 2 + [
+        described["test_examples"]]
+    final = results["final"]
+    assert set(final["recall"]) == set(results["labels"])
+    assert sum(map(sum, final["confusion"])) == results["test_examples"]
+    for key in ("catalog_ndcg@10", "catalog_mrr", "catalog_recall@10", "hard_first"):
+        assert 0.0 <= final[key] <= 1.0
+        assert key in results["baselines"]["retrieval"] and key in results["baselines"]["keyword"]
+    assert set(final["hard_first_by_kind"]) == {"colour", "size", "brand", "sibling", "accessory"}
+    assert (run_dir / "confusion.png").stat().st_size > 10_000
+    assert "catalog nDCG@10" in proc.stdout and "recall exact" in proc.stdout
 
 
 def test_merchant_replies_carry_only_model_arrays_and_scalar_metrics(fed_run):
