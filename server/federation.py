@@ -128,9 +128,8 @@ class Federation:
             weights, start = exchange.extract(self.model), 1
             t0 = time.time()
             self.runlog.add({"round": 0, "server": self.server_eval(weights), "seconds": time.time() - t0})
-            self.runlog.write(baselines=self.evaluation.baselines())
             self.checkpoint(0, weights)
-        self.runlog.write(status="running")
+        self.runlog.write(status="running", baselines=self.evaluation.baselines())  # a resumed run's too
         self.show("running", start, "starting")
         return wire.to_arrays(weights), start
 
