@@ -366,7 +366,7 @@ def _build(cfg: FedshopConfig) -> FederatedData:
     if cfg.data.test_path:  # a fixed test file: every row of the data trains
         pool, test = ds, read_test(cfg.data, labels)[0]
     elif judged is not None:  # the built-in marketplace's own held-out queries: every generated row trains
-        pool, test = ds, normalize(datasets.Dataset.from_list(judged.rows), cfg.data, f"{SYNTHETIC} (test)", labels)[0]
+        pool, test = ds, _judged_test(cfg, judged, labels)[0]
     else:
         pool, test = group_split(ds, cfg.data.test_fraction, cfg.seed, "test")
     if len(test) == 0:
@@ -395,6 +395,12 @@ def judged_set(cfg: FedshopConfig) -> synthetic.JudgedSet | None:
     return _JUDGED[key]
 
 
+def _judged_test(cfg: FedshopConfig, judged: synthetic.JudgedSet,
+                 labels: list[str] | None = None) -> tuple[datasets.Dataset, list[str]]:
+    """The judged set's pairs validated like training data, and the label names."""
+    return normalize(datasets.Dataset.from_list(judged.rows), cfg.data, f"{SYNTHETIC} (test)", labels)
+
+
 def read_test(cfg: DataConfig, labels: list[str] | None = None) -> tuple[datasets.Dataset, list[str]]:
     """The held-out test file data.test_path, validated like training data (with `labels` when given, else
     data.labels or the file's own); returns it with the label names."""
@@ -405,9 +411,13 @@ def read_test(cfg: DataConfig, labels: list[str] | None = None) -> tuple[dataset
 
 def load_test(cfg: FedshopConfig) -> tuple[datasets.Dataset, list[str]]:
     """The server's held-out test set: the file data.test_path when set (the server then needs no training data;
-    labels from data.labels or the file), else the configured data's test split."""
+    labels from data.labels or the file), the built-in marketplace's judged queries, else the configured data's
+    test split."""
     if cfg.data.test_path:
         return read_test(cfg.data)
+    judged = judged_set(cfg)
+    if judged is not None:  # the built-in marketplace's test set needs none of its training data
+        return _judged_test(cfg, judged)
     fd = prepare(cfg)
     return fd.test, fd.labels
 
