@@ -28,7 +28,9 @@ from tests.conftest import ROOT, TINY_REVIEWS
 RAY_METHODS = ["/ray.rpc.NodeInfoGcsService/GetClusterId", "/ray.rpc.NodeManagerService/GetNodeStats",
                "/ray.rpc.ObjectManagerService/Push", "/ray.rpc.CoreWorkerService/GetCoreWorkerStats"]
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-ACTOR = "ClientAppActor"  # Flower's Ray actor that runs the merchants' ClientApp
+# Flower's Ray actor that runs the merchants' ClientApp ("ray::ClientAppActor"; the kernel's process name keeps 15
+# characters, "ray::ClientAppA", and psutil reads the full one only while the process still lives)
+ACTOR = "ClientAppA"
 
 
 def listening(root: psutil.Process) -> dict[tuple[str, int], str]:
