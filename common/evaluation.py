@@ -149,11 +149,11 @@ class Evaluation:
         """hard_first shares of a pair scorer over the hard queries."""
         assert self.judged is not None
         hard = self.judged.hard
-        titles = [list(h["titles"]) for h in hard]  # type: ignore[call-overload]
-        flat = score([str(h["query"]) for h, ts in zip(hard, titles, strict=True) for _ in ts],
+        titles = [h["titles"] for h in hard]
+        flat = score([h["query"] for h, ts in zip(hard, titles, strict=True) for _ in ts],
                      [t for ts in titles for t in ts])
         edges = np.cumsum([0] + [len(t) for t in titles])
-        return hard_first_share([(str(h["kind"]), flat[a:b]) for h, a, b in zip(hard, edges[:-1], edges[1:],
+        return hard_first_share([(h["kind"], flat[a:b]) for h, a, b in zip(hard, edges[:-1], edges[1:],
                                                                                 strict=True)])
 
     def __call__(self, model: torch.nn.Module, full: bool) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 ESCI_LABELS = ["exact", "substitute", "complement", "irrelevant"]
 SENTIMENT_LABELS = ["negative", "neutral", "positive"]
@@ -305,6 +306,14 @@ SIZE_DIMS = ("size", "shoe_size", "storage", "capacity", "weight")
 HARD_KINDS = ("colour", "size", "brand", "sibling", "accessory")
 
 
+class HardQuery(TypedDict):
+    """A hard query: its kind, its text, and the titles it is scored on (the exact product first)."""
+
+    kind: str
+    query: str
+    titles: list[str]
+
+
 @dataclass
 class JudgedSet:
     """The built-in marketplace's held-out evaluation: judged (query, product) pairs, a catalog of every product
@@ -314,7 +323,7 @@ class JudgedSet:
     queries: list[str]
     catalog: list[dict[str, str]]
     judgements: list[list[str]]  # judgements[q][p]: the label of catalog product p for query q
-    hard: list[dict[str, object]]  # kind, query, titles (the exact product first)
+    hard: list[HardQuery]
 
 
 def generate_judged(num_merchants: int, num_queries: int, seed: int, concentration: float,
@@ -345,7 +354,7 @@ def generate_judged(num_merchants: int, num_queries: int, seed: int, concentrati
     return JudgedSet(rows, queries, catalog, judgements, _hard_queries(rng, num_hard))
 
 
-def _hard_query(rng: random.Random, kind: str) -> dict[str, object]:
+def _hard_query(rng: random.Random, kind: str) -> HardQuery:
     """One hard query of `kind`: the exact product's title first, then three confusers judged below it."""
     if kind == "size":
         ptype = rng.choice([t for t in TYPES if t.dims and t.dims[0] in SIZE_DIMS])
@@ -379,7 +388,7 @@ def _hard_query(rng: random.Random, kind: str) -> dict[str, object]:
     return {"kind": kind, "query": query, "titles": [p.title(rng) for p in [exact, *confusers]]}
 
 
-def _hard_queries(rng: random.Random, n: int) -> list[dict[str, object]]:
+def _hard_queries(rng: random.Random, n: int) -> list[HardQuery]:
     """n hard queries, the kinds in turn."""
     return [_hard_query(rng, HARD_KINDS[i % len(HARD_KINDS)]) for i in range(n)]
 
