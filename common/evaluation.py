@@ -51,13 +51,6 @@ def _pairs(queries: list[str], titles: list[str], tokenizer: PreTrainedTokenizer
     return M.tokenize(datasets.Dataset.from_list(rows), tokenizer, max_length)
 
 
-def _keyword_ranking(queries: list[str], titles: list[str], k: int) -> list[list[int]]:
-    """TF-IDF (word 1-2 grams) cosine top-k over the catalog titles, per query."""
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(titles)
-    sims = (vec.transform(queries) @ vec.transform(titles).T).toarray()
-    return np.argsort(-sims, axis=1, kind="stable")[:, :k].tolist()
-
-
 PairScorer = Callable[[list[str], list[str]], np.ndarray]
 
 
@@ -66,11 +59,15 @@ def _cosine(encoder: Encoder) -> PairScorer:
     return lambda queries, titles: (encoder.encode(queries) * encoder.encode(titles)).sum(axis=1)
 
 
-def _tfidf(texts: list[str]) -> PairScorer:
-    """TF-IDF (word 1-2 grams, fitted on `texts`) cosine of (query, title) pairs."""
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts)
+def _tfidf(vec: TfidfVectorizer) -> PairScorer:
+    """A fitted TF-IDF vectorizer's cosine of (query, title) pairs."""
     return lambda queries, titles: np.asarray(vec.transform(queries).multiply(vec.transform(titles)).sum(axis=1)
                                               ).ravel()
+
+
+def _top(sims: np.ndarray, k: int) -> list[list[int]]:
+    """The k highest-scoring catalog indices of every row, best first (ties in catalog order)."""
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k].tolist()
 
 
 class Evaluation:
@@ -83,17 +80,18 @@ class Evaluation:
         self.pairs = M.tokenize(test_raw, tokenizer, cfg.train.max_length, cfg.data.num_proc)
         self.judged = D.judged_set(cfg)
         query_ids = list(dict.fromkeys(self.pairs["query_id"]))
+        self.num_queries = len(query_ids)
         n = cfg.eval.round_queries
         chosen = None if n is None or n >= len(query_ids) else set(
             sorted(query_ids, key=lambda q: D.unit_hash(cfg.seed, "eval-round", q))[:n])
-        self.round_queries = sorted(query_ids.index(q) for q in chosen) if chosen else list(range(len(query_ids)))
+        self.round_queries = [i for i, q in enumerate(query_ids) if chosen is None or q in chosen]
         self.round_pairs = self.pairs if chosen is None else self.pairs.select(
             [i for i, q in enumerate(self.pairs["query_id"]) if q in chosen])
         self._catalog: _Catalog | None = None
 
     def describe(self) -> dict[str, Any]:
         """results.json's `evaluation`: what is scored, per round and at the end."""
-        out: dict[str, Any] = {"test_examples": len(self.pairs), "test_queries": len(set(self.pairs["query_id"])),
+        out: dict[str, Any] = {"test_examples": len(self.pairs), "test_queries": self.num_queries,
                                "round_examples": len(self.round_pairs), "round_queries": len(self.round_queries),
                                "per_round": "subset" if len(self.round_pairs) < len(self.pairs) else "full",
                                "final": "full"}
@@ -116,8 +114,8 @@ class Evaluation:
         titles = [p["title"] for p in j.catalog]
         encoder = Encoder(retriever_path(self.cfg.eval.retriever or self.cfg.serving.retriever),
                           self.cfg.train.max_length)
-        sims = encoder.encode(j.queries) @ encoder.encode(titles).T
-        retrieved = np.argsort(-sims, axis=1, kind="stable")[:, :self.cfg.eval.catalog_top_n].tolist()
+        retrieved = _top(encoder.encode(j.queries) @ encoder.encode(titles).T, self.cfg.eval.catalog_top_n)
+        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(titles)  # keyword: the catalog's words
         gain_of = dict(zip(self.labels, self._gains, strict=True))
         gains = np.array([[gain_of[x] for x in row] for row in j.judgements])
         exact = np.array([[x == synthetic.ESCI_LABELS[0] for x in row] for row in j.judgements])
@@ -125,8 +123,8 @@ class Evaluation:
                        [titles[i] for r in retrieved for i in r], self.tokenizer, self.cfg.train.max_length)
         baselines: dict[str, dict[str, Any]] = {
             "retrieval": {**catalog_ranking(retrieved, gains, exact), **self._hard(_cosine(encoder))},
-            "keyword": {**catalog_ranking(_keyword_ranking(j.queries, titles, 10), gains, exact),
-                        **self._hard(_tfidf(titles))}}
+            "keyword": {**catalog_ranking(_top((vec.transform(j.queries) @ vec.transform(titles).T).toarray(), 10),
+                                          gains, exact), **self._hard(_tfidf(vec))}}
         self._catalog = _Catalog(retrieved, pairs, gains, exact, baselines)
         log.info("catalog evaluation: %d products, top %d of %d queries retrieved in %.1fs; retrieval alone %s",
                  len(titles), len(retrieved[0]), len(j.queries), time.perf_counter() - t0,
@@ -170,7 +168,7 @@ class Evaluation:
             "confusion": confusion(y, pred, len(self.labels))}
         cat = self.catalog()
         if cat is not None:
-            out.update(self._rerank(model, cat, list(range(len(cat.retrieved))) if full else self.round_queries))
+            out.update(self._rerank(model, cat, list(range(self.num_queries)) if full else self.round_queries))
             if full:
                 out.update(self._hard(self._model_scores(model)))
         return out
@@ -178,7 +176,7 @@ class Evaluation:
     def _rerank(self, model: torch.nn.Module, cat: _Catalog, queries: list[int]) -> dict[str, float]:
         """Catalog metrics of the model's re-ranking of the retrieved candidates of `queries`."""
         k = len(cat.retrieved[0])  # catalog_top_n, or the whole catalog when it is smaller
-        rows = [q * k + i for q in queries for i in range(len(cat.retrieved[q]))]
+        rows = [q * k + i for q in queries for i in range(k)]
         probs, _ = T.predict(model, cat.pairs.select(rows), self.tokenizer, self.cfg.train)
         scores = expected_gain(probs, self._gains).reshape(len(queries), -1)
         ranked = [[cat.retrieved[q][i] for i in np.argsort(-s, kind="stable")] for q, s in zip(queries, scores,
