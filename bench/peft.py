@@ -5,7 +5,8 @@ full with float16 on the wire, LoRA r=4, 8, 16. Columns: accuracy, macro-F1, nDC
 MB down and up per merchant per round, seconds per round in simulation (median over rounds 2..).
 With --deploy: the deployed fixed overhead per round (tiny model, 3 merchant processes) full vs LoRA.
 With --secagg: SecAgg+ seconds per round against plain (MiniLM and tiny, 3 merchants, 5 rounds) full vs LoRA.
-Writes bench/results/peft.json. Usage: python bench/peft.py [--rounds 5] [--epochs 2] [--deploy] [--secagg] [overrides...]
+Writes bench/results/peft.json.
+Usage: python bench/peft.py [--rounds 5] [--epochs 2] [--deploy] [--secagg] [overrides...]
 """
 
 from __future__ import annotations
