@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
-from common.env import OFFLINE  # noqa: E402
+from common.run.env import OFFLINE  # noqa: E402
 
 
 def run_simulation(args: list[str], workdir: Path | None = None, sample_rss: bool = False) -> dict[str, Any]:

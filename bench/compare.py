@@ -1,5 +1,5 @@
 """Federated (non-IID merchants) vs centralized vs merchants-alone vs keyword and retrieval alone, on the held-out
-evaluation every run scores (common/evaluation.py): judged pairs, the catalog ranking and the hard queries.
+evaluation every run scores (common/tasks/evaluation.py): judged pairs, the catalog ranking and the hard queries.
 
 Same data, model and total epochs (num_rounds x local_epochs) for the three trained settings.
 Usage: python bench/compare.py [--merchants 10] [--model minilm] [--modes federated,centralized,alone] [overrides...]
@@ -12,9 +12,9 @@ from typing import Any
 
 from _util import run_simulation, table, write
 
-from common import data as D
-from common.baseline import KeywordBaseline
-from common.config import compose
+from common.run.config import compose
+from common.tasks import data as D
+from common.tasks.baseline import KeywordBaseline
 
 PAIR = ("accuracy", "macro_f1", "ndcg@10")
 CATALOG = ("catalog_ndcg@10", "catalog_mrr", "catalog_recall@10", "hard_first")

@@ -16,8 +16,8 @@ import torch
 from _util import run_simulation, table, write
 from transformers import BertConfig, BertForSequenceClassification
 
-from common import model as M
-from common.config import compose
+from common.run.config import compose
+from common.tasks import model as M
 
 
 def base_size_bert(labels: int) -> BertForSequenceClassification:

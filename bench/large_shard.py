@@ -24,8 +24,9 @@ from _util import OFFLINE, ROOT, table, write
 
 CHILD = """
 import json, resource, sys, threading, time
-from common.config import compose
-from common import data as D, model as M
+from common.run.config import compose
+from common.tasks import data as D
+from common.tasks import model as M
 
 peak = [0]
 def watch():  # the process's own memory (RssAnon): RSS less the pages of memory-mapped files the kernel may drop
@@ -55,7 +56,7 @@ print(json.dumps({"read_s": t1 - t0, "validate_split_s": t2 - t1, "tokenize_s": 
 
 def write_shard(path: Path, rows: int) -> None:
     """The synthetic marketplace's pairs, repeated to `rows` rows, as a merchant's CSV."""
-    from common import synthetic
+    from common.tasks import synthetic
 
     base = synthetic.generate_relevance(1, 2000, 0)
     with path.open("w", newline="", encoding="utf-8") as f:

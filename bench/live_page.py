@@ -22,7 +22,7 @@ from typing import Any
 
 from _util import RESULTS, ROOT, run_simulation, table, write
 
-from common.env import OFFLINE
+from common.run.env import OFFLINE
 from tests.browser import Browser
 from tests.deploy_helpers import free_port
 

@@ -15,11 +15,11 @@ import time
 import numpy as np
 from _util import run_simulation, table, write
 
-from common import data as D
-from common import exchange
-from common import model as M
-from common import train as T
-from common.config import compose
+from common.run.config import compose
+from common.tasks import data as D
+from common.tasks import exchange
+from common.tasks import model as M
+from common.tasks import train as T
 
 
 def direct_rounds(overrides: list[str]) -> list[float]:

@@ -24,8 +24,8 @@ from typing import Any
 
 from _util import RESULTS, run_simulation, table, write
 
-from common import data as D
-from common.config import compose
+from common.run.config import compose
+from common.tasks import data as D
 from server.privacy import Ledger
 
 COLUMNS = ["setting", "target_epsilon", "epsilon_spent", "accuracy", "macro_f1", "ndcg@10", "noise_multiplier",

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 from _util import ROOT, table, write
 
-from common.env import OFFLINE
+from common.run.env import OFFLINE
 
 CANDIDATES = 100
 

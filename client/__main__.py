@@ -14,15 +14,16 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from common.env import set_offline
+from common.run.env import set_offline
 
 set_offline()
 
 
-from common import procs, wire  # noqa: E402
-from common.cli import hydra_launcher  # noqa: E402
-from common.config import FedshopConfig  # noqa: E402
-from common.errors import FedshopError  # noqa: E402
+from common.protocol import wire  # noqa: E402
+from common.run import procs  # noqa: E402
+from common.run.cli import hydra_launcher  # noqa: E402
+from common.run.config import FedshopConfig  # noqa: E402
+from common.run.errors import FedshopError  # noqa: E402
 
 log = logging.getLogger("fedshop.client")
 REFUSED = {"Failed to activate SuperNode": "the server refused this merchant: its key is not registered there",
@@ -115,7 +116,7 @@ class Tail:
 
 def run_merchant(cfg: FedshopConfig, run_dir: Path) -> int:
     """Validate the shard, then run the SuperNode until it exits; returns its exit status."""
-    from common import data as D
+    from common.tasks import data as D
 
     d = cfg.deploy
     if not d.shard:

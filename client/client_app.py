@@ -23,13 +23,15 @@ from transformers import PreTrainedTokenizerBase
 
 from client import flower_patches
 from client.secure import secure_mod
-from common import attacks, dp, exchange, logs, wire
-from common import data as D
-from common import model as M
-from common import train as T
-from common.config import FedshopConfig, from_run_config
-from common.errors import FedshopError
-from common.merchant_state import MerchantState, RecordBudget
+from common.protocol import attacks, wire
+from common.protocol.merchant_state import MerchantState, RecordBudget
+from common.run import logs
+from common.run.config import FedshopConfig, from_run_config
+from common.run.errors import FedshopError
+from common.tasks import data as D
+from common.tasks import dp, exchange
+from common.tasks import model as M
+from common.tasks import train as T
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class Merchant:
     name: str
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
-    base_fingerprint: str  # of the frozen part of `model` (common/exchange.py)
+    base_fingerprint: str  # of the frozen part of `model` (common/tasks/exchange.py)
     train: datasets.Dataset
     val: datasets.Dataset
     gains: list[float] | None
@@ -67,7 +69,7 @@ class _Shard:
 
 # Caches that only save work: one model skeleton per process (every message overwrites its exchanged state)
 # and the tokenised shards of the merchants this process served last (a simulation actor serves many virtual
-# merchants). What a merchant must remember between rounds lives in Context.state (common/merchant_state.py).
+# merchants). What a merchant must remember between rounds lives in Context.state (common/protocol/merchant_state.py).
 _MODELS: dict[str, tuple[torch.nn.Module, PreTrainedTokenizerBase, str]] = {}
 _SHARDS: OrderedDict[str, _Shard] = OrderedDict()
 MAX_CACHED_SHARDS = 64
@@ -201,7 +203,7 @@ def _line(kind: str, merchant: Merchant, rnd: int, n: int, seconds: float, loss:
 
 def transport_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Outermost mod: a message's arrays are unpacked on arrival and the reply's packed for the trip back
-    (common/wire.py: pack); everything inside sees named arrays."""
+    (common/protocol/wire.py: pack); everything inside sees named arrays."""
     content = wire.unpack(msg.content)
     if content is not msg.content:
         msg.content = content

@@ -31,7 +31,7 @@ from typing import Any
 import flwr.supercore.differential_privacy as flower_dp
 from flwr.supercore.inflatable import inflatable_utils
 
-from common import flower_version, privacy_math
+from common.protocol import flower_version, privacy_math
 
 PULL_INITIAL_BACKOFF = 0.05
 PULL_BACKOFF_CAP = 0.1

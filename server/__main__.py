@@ -10,15 +10,15 @@ import logging
 import subprocess
 from pathlib import Path
 
-from common.env import set_offline
+from common.run.env import set_offline
 
 set_offline()
 
 
-from common import procs  # noqa: E402
-from common.cli import hydra_launcher  # noqa: E402
-from common.config import FedshopConfig, to_json  # noqa: E402
-from common.errors import FedshopError  # noqa: E402
+from common.run import procs  # noqa: E402
+from common.run.cli import hydra_launcher  # noqa: E402
+from common.run.config import FedshopConfig, to_json  # noqa: E402
+from common.run.errors import FedshopError  # noqa: E402
 
 log = logging.getLogger("fedshop.server")
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def write_connection(cfg: FedshopConfig, env: dict[str, str], tls: dict[str, Pat
 
 def serve(cfg: FedshopConfig, run_dir: Path) -> int:
     """Run the whole server side; returns the exit status."""
-    from common import data as D
+    from common.tasks import data as D
 
     d = cfg.deploy
     if d.insecure:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from common.errors import FedshopError
+from common.run.errors import FedshopError
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:

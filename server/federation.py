@@ -15,16 +15,17 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from common import checkpoint as C
-from common import data as D
-from common import exchange, wire
-from common import model as M
-from common import train as T
-from common.config import FedshopConfig, training_json
-from common.errors import FedshopError
-from common.evaluation import Evaluation
-from common.results import RunLog
-from common.tracking import open_tracker
+from common.protocol import wire
+from common.run import checkpoint as C
+from common.run.config import FedshopConfig, training_json
+from common.run.errors import FedshopError
+from common.run.results import RunLog
+from common.run.tracking import open_tracker
+from common.tasks import data as D
+from common.tasks import exchange
+from common.tasks import model as M
+from common.tasks import train as T
+from common.tasks.evaluation import Evaluation
 from server import flower_patches
 from server.grid import MerchantGrid, Roster
 from server.live import LivePage, status

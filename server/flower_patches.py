@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from common import flower_version, privacy_math
+from common.protocol import flower_version, privacy_math
 
 # Flower's originals, kept for the canary tests (captured, not changed, on import).
 FLOWER_CLIP = flower_dp.clip_inputs_inplace

@@ -20,7 +20,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from common import wire
+from common.protocol import wire
 
 log = logging.getLogger(__name__)
 FIRST_POLL = 0.01  # seconds before the first pull for replies (then doubling up to deploy.poll_interval)
@@ -73,7 +73,7 @@ class MerchantGrid(Grid):
         self.index: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.sizes: dict[int, int] = {}  # training examples per node, as the node reported them
-        self.base_fingerprint = base_fingerprint  # asked of every node with its identity (common/exchange.py)
+        self.base_fingerprint = base_fingerprint  # asked of every node with its identity (common/tasks/exchange.py)
         self.refused: dict[int, str] = {}  # nodes that hold another frozen base: why
         # Called with (sent, replies, seconds) after every send_and_receive (SecAgg+ counts its stages so).
         self.tap: Callable[[list[Message], list[Message], float], None] | None = None
@@ -93,7 +93,7 @@ class MerchantGrid(Grid):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegate, each message's arrays packed for the trip (common/wire.py: pack); the messages given keep
+        """Delegate, each message's arrays packed for the trip (common/protocol/wire.py: pack); the messages given keep
         their content and get their ids."""
         return self.inner.push_messages([_packed(m) for m in messages])
 

@@ -37,7 +37,7 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting import PrivacyConfig as AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from common.config import PrivacyConfig, StrategyConfig
+from common.run.config import PrivacyConfig, StrategyConfig
 from server.flower_patches import AdaptiveNoiseFix
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def local_noise_multiplier(epsilon: float, delta: float) -> float:
 
 
 def _noise(cfg: PrivacyConfig) -> float:
-    """The merchant-level presets' noise multiplier (common/config.py refuses them a null one)."""
+    """The merchant-level presets' noise multiplier (common/run/config.py refuses them a null one)."""
     assert cfg.noise_multiplier is not None
     return cfg.noise_multiplier
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
-from common import wire
+from common.protocol import wire
 
 DECLINED = "declined: "  # the start of a Dropped reason for a merchant that declined to train
 

@@ -9,7 +9,7 @@ The workflow asks a legacy Strategy for FitIns (`configure_fit`) and hands it th
   to the Aggregator as every survivor's reply, so the chain (validation, the DP noise calibrated to the m
   survivors and the accountant, FedAvg/FedProx/FedAdam, metrics) runs unchanged on the one thing the
   server may see: the aggregate. Robust strategies and server-side clipping need individual updates and
-  are refused with secagg=plus (common/config.py).
+  are refused with secagg=plus (common/run/config.py).
 The workflow itself is Flower's, with the early-dropout fix of server/flower_patches.py.
 """
 
@@ -31,9 +31,9 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from common import wire
-from common.config import FedshopConfig, SecAggConfig
-from common.errors import FedshopError
+from common.protocol import wire
+from common.run.config import FedshopConfig, SecAggConfig
+from common.run.errors import FedshopError
 from server.flower_patches import SecAggPlusWorkflow
 from server.grid import MerchantGrid, payload_bytes
 from server.report import Dropped, SecureStages, TrainReport, TrainResult

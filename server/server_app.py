@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import FedshopConfig, from_run_config
+from common.run.config import FedshopConfig, from_run_config
 from server.federation import run_federated
 from server.grid import Roster
 

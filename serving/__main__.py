@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.env import set_offline
+from common.run.env import set_offline
 
 set_offline()
 
 
-from common.cli import hydra_launcher  # noqa: E402
-from common.config import FedshopConfig  # noqa: E402
+from common.run.cli import hydra_launcher  # noqa: E402
+from common.run.config import FedshopConfig  # noqa: E402
 
 log = logging.getLogger("fedshop.serving")
 

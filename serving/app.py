@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from common.config import ServingConfig
-from common.errors import FedshopError
-from common.retrieval import Encoder, retriever_path
+from common.run.config import ServingConfig
+from common.run.errors import FedshopError
+from common.tasks.encoder import Encoder, retriever_path
 from serving.batching import MicroBatcher
 from serving.catalog import Catalog
 from serving.index import Index

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.data import read_file
-from common.errors import FedshopError
+from common.run.errors import FedshopError
+from common.tasks.data import read_file
 
 REQUIRED = ("id", "title")
 NUMERIC = ("price", "stock", "margin")

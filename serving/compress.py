@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from common.config import CompressConfig, FedshopConfig
-from common.errors import FedshopError
-from common.metrics import classification_report
-from common.model import LABELS_FILE
-from common.retrieval import Encoder, retriever_path
+from common.run.config import CompressConfig, FedshopConfig
+from common.run.errors import FedshopError
+from common.tasks.encoder import Encoder, retriever_path
+from common.tasks.metrics import classification_report
+from common.tasks.model import LABELS_FILE
 from serving.catalog import Catalog, load_catalog
 from serving.ranker import Ranker, quantize_int8
 
@@ -318,6 +318,6 @@ def _job(cfg: FedshopConfig, run_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    from common.cli import hydra_launcher
+    from common.run.cli import hydra_launcher
 
     hydra_launcher(_job, log)()

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import FedshopError
-from common.retrieval import Encoder
+from common.run.errors import FedshopError
+from common.tasks.encoder import Encoder
 from serving.catalog import Catalog
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ import random
 import sys
 from pathlib import Path
 
-from common import data as D
-from common.config import FedshopConfig, compose
-from common.errors import FedshopError
-from common.synthetic import BRANDS, generate_relevance
+from common.run.config import FedshopConfig, compose
+from common.run.errors import FedshopError
+from common.tasks import data as D
+from common.tasks.synthetic import BRANDS, generate_relevance
 
 
 def write_catalog(cfg: FedshopConfig, out: Path) -> tuple[Path, Path]:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from common.errors import FedshopError
-from common.model import LABELS_FILE
+from common.run.errors import FedshopError
+from common.tasks.model import LABELS_FILE
 
 log = logging.getLogger(__name__)
 ESCI_GAINS = {"exact": 1.0, "substitute": 0.1, "complement": 0.01, "irrelevant": 0.0}

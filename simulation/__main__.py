@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.env import set_offline
+from common.run.env import set_offline
 
 set_offline()
 
@@ -15,19 +15,19 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from common import logs  # noqa: E402
-from common.config import FedshopConfig  # noqa: E402
-from common.errors import FedshopError  # noqa: E402
-from common.results import final_line, objective  # noqa: E402
+from common.run import logs  # noqa: E402
+from common.run.config import FedshopConfig  # noqa: E402
+from common.run.errors import FedshopError  # noqa: E402
+from common.run.results import final_line, objective  # noqa: E402
 
 log = logging.getLogger("fedshop")
 
 
 def run(cfg_raw: DictConfig, run_dir: Path) -> dict[str, float]:
     """Validate config and data up front, then run the configured mode; returns final test metrics."""
-    from common import data as D
-    from common import model as M
-    from common.config import to_typed
+    from common.run.config import to_typed
+    from common.tasks import data as D
+    from common.tasks import model as M
 
     cfg = to_typed(cfg_raw)
     set_offline(run_dir)

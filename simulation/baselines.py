@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from common import data as D
-from common import model as M
-from common import train as T
-from common.config import FedshopConfig
-from common.evaluation import Evaluation
-from common.results import RunLog
-from common.tracking import open_tracker
+from common.run.config import FedshopConfig
+from common.run.results import RunLog
+from common.run.tracking import open_tracker
+from common.tasks import data as D
+from common.tasks import model as M
+from common.tasks import train as T
+from common.tasks.evaluation import Evaluation
 
 log = logging.getLogger(__name__)
 

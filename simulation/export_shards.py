@@ -12,9 +12,9 @@ from pathlib import Path
 
 import datasets
 
-from common import data as D
-from common.config import FedshopConfig, compose
-from common.errors import FedshopError
+from common.run.config import FedshopConfig, compose
+from common.run.errors import FedshopError
+from common.tasks import data as D
 
 
 def _to_user_columns(ds: datasets.Dataset, cfg: FedshopConfig, labels: list[str]) -> datasets.Dataset:

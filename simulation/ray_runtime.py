@@ -21,9 +21,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from common.config import SimulationConfig
-from common.env import OFFLINE
-from common.errors import FedshopError
+from common.run.config import SimulationConfig
+from common.run.env import OFFLINE
+from common.run.errors import FedshopError
 
 log = logging.getLogger("fedshop")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from common.env import OFFLINE, set_offline
+from common.run.env import OFFLINE, set_offline
 
 ROOT = Path(__file__).resolve().parent.parent
 set_offline()
@@ -48,7 +48,7 @@ def task_identity():
 @pytest.fixture
 def tiny_cfg():
     """A composed, validated config for the tiny model on the review data (3 merchants)."""
-    from common.config import compose
+    from common.run.config import compose
 
     return compose([*TINY_REVIEWS, "simulation.num_merchants=3"])
 
@@ -60,7 +60,7 @@ def assert_replies_carry_no_data(run_dir: Path, wire_dtype: str = "float32") -> 
     were checked."""
     import json
 
-    from common import checkpoint as C
+    from common.run import checkpoint as C
 
     newest = C.latest(run_dir / "checkpoints")  # any round: the exchanged names and shapes never change
     assert newest is not None

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import data as D
-from common import synthetic
-from common.config import compose
-from common.errors import FedshopError
+from common.run.config import compose
+from common.run.errors import FedshopError
+from common.tasks import data as D
+from common.tasks import synthetic
 
 
 def write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
@@ -288,7 +288,7 @@ def test_validation_in_batches_names_the_file_row_and_counts_every_truncation(tm
 def test_a_file_shard_lives_in_its_arrow_cache_and_its_tokens_are_reused(tmp_path):
     """A file's rows, validated rows and tokens are memory-mapped files under data.cache_dir, not Python
     objects, and a merchant that loads its shard again (a restart, the next round's process) reuses the tokens."""
-    from common import model as M
+    from common.tasks import model as M
 
     cache = tmp_path / "cache"
     cfg = csv_cfg(write_csv(tmp_path / "shop.csv", big_rows(2000)), f"data.cache_dir={cache}")

@@ -88,7 +88,7 @@ def assert_tracked_in_mlflow(uri: str, results: dict) -> None:
 
 def test_insecure_server_and_three_merchants(deployment, tmp_path):
     """LoRA over gRPC: three merchant processes, the adapters (and head) the only arrays that travel."""
-    from common import checkpoint as C
+    from common.run import checkpoint as C
 
     d = deployment
     live = free_port()
@@ -153,8 +153,8 @@ def test_a_merchant_with_another_base_model_stops_the_run(tmp_path, shards):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from common import model as M
-    from common.config import compose
+    from common.run.config import compose
+    from common.tasks import model as M
 
     cfg = compose([*BASE, *LORA])
     base = tmp_path / "base"
@@ -355,7 +355,7 @@ def test_malformed_shard_fails_fast_while_others_finish(deployment, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_server_killed_after_round_one_resumes_to_the_same_model(tmp_path, shards, finetune):
-    from common import checkpoint as C
+    from common.run import checkpoint as C
 
     run = ["deploy.insecure=true", "strategy.num_rounds=3", f"finetune={finetune}"]
     straight = Deployment(tmp_path / "straight", shards, run)

@@ -1,15 +1,15 @@
-"""The held-out evaluation (common/evaluation.py): round subset vs full, catalog re-ranking, hard queries."""
+"""The held-out evaluation (common/tasks/evaluation.py): round subset vs full, catalog re-ranking, hard queries."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common import data as D
-from common import evaluation as E
-from common import model as M
-from common.config import compose
-from common.metrics import catalog_ranking
+from common.run.config import compose
+from common.tasks import data as D
+from common.tasks import evaluation as E
+from common.tasks import model as M
+from common.tasks.metrics import catalog_ranking
 
 SMALL = ["model=tiny", "finetune=full", "train.progress=false", "simulation.num_merchants=3",
          "data.synthetic.num_queries=40", "data.synthetic.test_queries=30", "data.synthetic.hard_queries=10",

@@ -22,8 +22,8 @@ from flwr.server.workflow import SecAggPlusWorkflow as FlowerWorkflow
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
 
 from client import flower_patches as client_patches
-from common import wire
-from common.config import compose
+from common.protocol import wire
+from common.run.config import compose
 from server import flower_patches as server_patches
 from server.privacy import make_private
 from server.strategy import build_strategy
@@ -40,7 +40,7 @@ def test_canary_flowers_clipping_still_divides_by_a_zero_norm(flower_clip):
     """zero_safe_clipping: Flower's FlatClip divides by the update's norm (a zero update fails the round)."""
     with np.errstate(all="raise"), pytest.raises((ZeroDivisionError, FloatingPointError)):
         flower_clip([np.zeros(3, np.float32)], 1.0)
-    from common.privacy_math import clip_inputs_inplace
+    from common.protocol.privacy_math import clip_inputs_inplace
 
     update = [np.zeros(3, np.float32)]
     clip_inputs_inplace(update, 1.0)  # fedshop's leaves it as it is
@@ -195,22 +195,44 @@ print('ok')
 
 
 def _imports(path: Path) -> set[str]:
+    """Every module a file imports, dotted in full (`from a.b import c` gives a.b and a.b.c), lazy ones too."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
     return names
 
 
-@pytest.mark.parametrize("package,forbidden", [("server", {"client", "simulation", "serving"}),
-                                               ("client", {"server", "simulation", "serving"}),
-                                               ("common", {"client", "server", "simulation", "serving"})])
+def _hits(path: Path, forbidden: set[str]) -> set[str]:
+    return {n for n in _imports(path) for f in forbidden if n == f or n.startswith(f + ".")}
+
+
+APPS = {"client", "server", "simulation", "serving", "bench", "tests"}
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("server", {"client", "simulation", "serving"}),
+    ("client", {"server", "simulation", "serving"}),
+    # common's floors: run below tasks below protocol; the ML (tasks) has no Flower
+    ("common/run", APPS | {"common.tasks", "common.protocol", "flwr"}),
+    ("common/tasks", APPS | {"common.protocol", "flwr"}),
+    ("common/protocol", APPS),
+    ("serving", {"client", "server", "simulation", "common.protocol", "flwr"})])
 def test_import_graph(package, forbidden):
-    """server/ and client/ never import each other; common/ imports neither (every import, lazy ones too)."""
-    for path in sorted((ROOT / package).rglob("*.py")):
-        assert not _imports(path) & forbidden, f"{path.relative_to(ROOT)} imports {_imports(path) & forbidden}"
+    """No floor imports a higher one; server/ and client/ never import each other (every import, lazy ones too)."""
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, package
+    for path in files:
+        assert not _hits(path, forbidden), f"{path.relative_to(ROOT)} imports {_hits(path, forbidden)}"
+
+
+def test_import_graph_sees_a_forbidden_import(tmp_path):
+    """The check itself: a lazy import of a higher floor inside a function is found."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from common.protocol import wire\n    import flwr.app\n")
+    assert _hits(bad, {"common.protocol", "flwr"}) == {"common.protocol", "common.protocol.wire", "flwr.app"}
 
 
 def test_canary_the_fork_server_warm_up_builds_what_peft_asks_transformers_for():

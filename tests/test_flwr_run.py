@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.env import OFFLINE
+from common.run.env import OFFLINE
 from tests.conftest import ROOT
 from tests.test_ray_safety import refuses_without_token
 

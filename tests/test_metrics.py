@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from common.metrics import (
+from common.tasks.metrics import (
     accuracy,
     catalog_ranking,
     classification_report,

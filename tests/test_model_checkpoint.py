@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import checkpoint as C
-from common import exchange, wire
-from common import model as M
-from common.config import compose, to_json
-from common.errors import FedshopError
+from common.protocol import wire
+from common.run import checkpoint as C
+from common.run.config import compose, to_json
+from common.run.errors import FedshopError
+from common.tasks import exchange
+from common.tasks import model as M
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_lora_final_model_is_a_plain_merged_directory_and_a_peft_adapter(lora, t
 def test_training_losses():
     """train.loss: ce is plain cross-entropy; balanced weighs each label by its inverse frequency in the merchant's
     own split (every present label then weighs the same in total); focal with gamma 0 is cross-entropy."""
-    from common.train import criterion
+    from common.tasks.train import criterion
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
     y = torch.tensor([0, 0, 0, 1])

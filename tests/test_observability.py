@@ -170,9 +170,9 @@ def test_console_is_one_line_a_round_and_merchants_log_one_line_a_message(tracke
 def test_lora_with_float16_on_the_wire_sends_only_half_precision_adapters(tracked):
     """finetune=lora + strategy.wire_dtype=float16: only the adapters and the head travel, as float16 both ways;
     the server keeps and checkpoints them in float32; the merged model and the peft adapter are written."""
-    from common import checkpoint as C
-    from common import model as M
-    from common.config import compose
+    from common.run import checkpoint as C
+    from common.run.config import compose
+    from common.tasks import model as M
 
     run_dir = tracked["run_dir"]
     results = json.loads((run_dir / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""Transport packing (common/wire.py: pack / unpack): what Flower carries between the server and a merchant."""
+"""Transport packing (common/protocol/wire.py: pack / unpack): what Flower carries between the server and a merchant."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from common import wire
+from common.protocol import wire
 from server.strategy import check_update
 
 

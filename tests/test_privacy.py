@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common import wire
-from common.config import compose
+from common.protocol import wire
+from common.run.config import compose
 from server import flower_patches
 from server.privacy import Ledger, make_private
 from server.strategy import build_strategy
@@ -230,7 +230,7 @@ def test_each_preset_runs_end_to_end_in_simulation_and_is_accounted(preset, tmp_
 def test_accountant_and_adaptive_clip_resume_from_a_checkpoint(tmp_path):
     """A resumed DP run goes on spending from where it stopped: the accountant's releases, the population it
     was accounted over and the adaptive clipping norm come back from the checkpoint."""
-    from common import checkpoint as C
+    from common.run import checkpoint as C
 
     dp, _ = private_strategy("central_adaptive", 4, noise_multiplier=1.3, target_epsilon=20)
     before = aggregator(dp, {}, private=True)

@@ -21,7 +21,7 @@ import grpc
 import psutil
 import pytest
 
-from common.env import OFFLINE
+from common.run.env import OFFLINE
 from tests.conftest import ROOT, TINY_REVIEWS
 
 # One method of each Ray gRPC service: a server answers UNIMPLEMENTED for the services it does not have.

@@ -19,13 +19,14 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 from transformers import PreTrainedTokenizerBase
 
-from common import data as D
-from common import dp, wire
-from common import model as M
-from common import train as T
-from common.config import FedshopConfig, compose
-from common.errors import FedshopError
-from common.merchant_state import RecordBudget
+from common.protocol import wire
+from common.protocol.merchant_state import RecordBudget
+from common.run.config import FedshopConfig, compose
+from common.run.errors import FedshopError
+from common.tasks import data as D
+from common.tasks import dp
+from common.tasks import model as M
+from common.tasks import train as T
 from server.report import record_privacy
 from server.strategy import build_strategy
 from tests.conftest import TINY, TINY_REVIEWS, run_cli

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import exchange, wire
-from common.attacks import poison
-from common.config import compose
+from common.protocol import wire
+from common.protocol.attacks import poison
+from common.run.config import compose
+from common.tasks import exchange
 from server.report import TrainResult
 from server.strategy import Aggregator, build_strategy
 from tests.conftest import TINY_REVIEWS
@@ -68,9 +69,9 @@ def test_norm_bound_rejects_an_oversized_update():
 @pytest.fixture(scope="module")
 def round_updates():
     """One federated round of the tiny model on 5 merchants' review shards, trained for real."""
-    from common import data as D
-    from common import model as M
-    from common import train as T
+    from common.tasks import data as D
+    from common.tasks import model as M
+    from common.tasks import train as T
 
     # cross-entropy: the attack's loss bound below was measured with it (the class-balanced default shifts it)
     cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=5", "train.num_threads=1", "train.loss=ce"])
@@ -113,7 +114,7 @@ def test_one_attacker_among_five_degrades_fedavg_not_the_robust_options(round_up
 def test_every_strategy_aggregates_only_the_lora_state(name):
     """With LoRA the replies carry only adapters and head; every strategy aggregates exactly those, and a reply
     that also carries a frozen base weight is rejected."""
-    from common import model as M
+    from common.tasks import model as M
 
     cfg = compose(["model=tiny", "finetune=lora"])
     lora = exchange.extract(M.build_model(cfg.model, ["a", "b", "c"], 0, cfg.finetune))

@@ -10,9 +10,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from common import checkpoint as C
-from common import logs, tracking
-from common.errors import FedshopError
+from common.run import checkpoint as C
+from common.run import logs, tracking
+from common.run.errors import FedshopError
 from server.live import LivePage, status
 
 
@@ -46,7 +46,7 @@ def test_console_shows_fedshop_lines_and_only_errors_of_other_libraries():
     def shown(name: str, level: int) -> bool:
         return console.filter(logging.LogRecord(name, level, __file__, 1, "x", None, None))
 
-    assert shown("common.results", logging.INFO) and shown("fedshop", logging.INFO)
+    assert shown("common.run.results", logging.INFO) and shown("fedshop", logging.INFO)
     assert shown("server.federation", logging.WARNING)
     assert not shown("alembic.runtime.plugins", logging.INFO) and not shown("py.warnings", logging.WARNING)
     assert not shown("mlflow.store.db.utils", logging.INFO) and shown("ray", logging.ERROR)

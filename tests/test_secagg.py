@@ -18,11 +18,12 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as f
 from flwr.serverapp import Grid
 
 from client.client_app import build_client_app
-from common import data as D
-from common import exchange, wire
-from common import model as M
-from common.config import FedshopConfig, compose
-from common.privacy_math import mask
+from common.protocol import wire
+from common.protocol.privacy_math import mask
+from common.run.config import FedshopConfig, compose
+from common.tasks import data as D
+from common.tasks import exchange
+from common.tasks import model as M
 from server import flower_patches
 from server.grid import MerchantGrid
 from server.privacy import make_private
@@ -307,14 +308,14 @@ def test_other_presets_and_strategies_aggregate_securely(more):
 
 
 def test_a_round_whose_masked_sum_could_overflow_is_refused():
-    from common.errors import FedshopError
+    from common.run.errors import FedshopError
 
     with pytest.raises(FedshopError, match="masked sum would overflow"):
         one_round(config(f"secagg.quantization_range={2**30}"))  # 4 merchants x 2^30 = 2^32
 
 
 def test_secagg_refuses_what_needs_single_updates():
-    from common.errors import FedshopError
+    from common.run.errors import FedshopError
 
     for bad, field in ((["strategy=krum"], "strategy.name"), (["privacy=central"], "privacy.name"),
                        (["strategy.max_update_norm=1.0"], "strategy.max_update_norm"),

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from common.errors import FedshopError
+from common.run.errors import FedshopError
 from serving.catalog import Product, load_catalog
 from serving.rules import Ranked, Rules, rerank
 from tests.conftest import ROOT, run_cli
@@ -105,8 +105,8 @@ def free_port() -> int:
 
 def make_model(out: Path, seed: int) -> Path:
     """A tiny random BERT saved like a fedshop run's model/ directory."""
-    from common import model as M
-    from common.config import compose
+    from common.run.config import compose
+    from common.tasks import model as M
 
     cfg = compose(["model=tiny", "finetune=full"])
     M.save_final(M.build_model(cfg.model, ["exact", "substitute", "complement", "irrelevant"], seed, cfg.finetune),
@@ -302,10 +302,10 @@ def teacher(assets):
     """A tiny model trained briefly on the built-in relevance data (its scores are not uniform)."""
     import datasets
 
-    from common import data as D
-    from common import model as M
-    from common import train as T
-    from common.config import compose
+    from common.run.config import compose
+    from common.tasks import data as D
+    from common.tasks import model as M
+    from common.tasks import train as T
 
     cfg = compose(["model=tiny", "finetune=full", *CATALOG_ARGS, "train.progress=false", "train.lr=1e-3",
                    "train.num_threads=1"])
@@ -371,7 +371,7 @@ def test_onnx_int8_form_matches_fp32_and_serves(server, assets, teacher, tmp_pat
 
 
 def test_layer_dropped_student_distils_loads_and_serves(server, assets, teacher):
-    from common.config import compose
+    from common.run.config import compose
     from serving.compress import distill, keep_layers
     from serving.ranker import Ranker
 
@@ -393,13 +393,13 @@ def test_int8_mixed_keeps_the_chosen_layers_fp32_and_reaches_the_agreement_targe
 
     import torch
 
-    from common.retrieval import Encoder
+    from common.tasks.encoder import Encoder
     from serving.compress import choose_fp32_layers, unlabeled_pairs
     from serving.ranker import Ranker
 
     catalog = load_catalog(assets[3])
     queries = (assets[0] / "data" / "query_log.txt").read_text().split("\n")[:20]
-    from common.model import minilm_path
+    from common.tasks.model import minilm_path
 
     pairs = unlabeled_pairs(catalog, [q for q in queries if q], Encoder(minilm_path()), 8, 0)
     found = choose_fp32_layers(teacher, pairs, 64, 1.0)
@@ -511,8 +511,8 @@ def test_hnsw_index_finds_what_exact_search_finds():
 def test_pair_encoder_matches_the_tokenizer_and_falls_back_when_truncating(assets):
     import numpy as np
 
-    from common import model as M
-    from common.config import compose
+    from common.run.config import compose
+    from common.tasks import model as M
     from serving.ranker import PairEncoder
 
     tokenizer = M.load_tokenizer(compose([]).model)  # MiniLM's BERT tokenizer

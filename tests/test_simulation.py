@@ -35,8 +35,8 @@ def test_federated_simulation_learns_and_writes_run_directory(fed_run):
     assert results["status"] == "completed"
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    from common import data as D
-    from common.config import compose
+    from common.run.config import compose
+    from common.tasks import data as D
 
     fd = D.prepare(compose([*TINY_REVIEWS, "simulation.num_merchants=3"]))
     majority = np.bincount(fd.test["label"]).max() / len(fd.test)
@@ -100,7 +100,7 @@ def test_merchant_replies_carry_only_model_arrays_and_scalar_metrics(fed_run):
 def test_secure_aggregation_simulation_matches_fedavg_and_reveals_no_update(fed_run, tmp_path):
     """secagg=plus in a real Flower simulation: four protocol stages a round, the first round's model equals
     the plain run's within the quantisation error, and what merchants sent is protocol values only."""
-    from common import checkpoint as C
+    from common.run import checkpoint as C
 
     plain_dir, _ = fed_run
     proc = run_cli("simulation", [*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2",
@@ -130,12 +130,12 @@ def test_secure_aggregation_simulation_matches_fedavg_and_reveals_no_update(fed_
 def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from common import checkpoint as C
-    from common import data as D
-    from common import exchange
-    from common import model as M
-    from common import train as T
-    from common.config import compose
+    from common.run import checkpoint as C
+    from common.run.config import compose
+    from common.tasks import data as D
+    from common.tasks import exchange
+    from common.tasks import model as M
+    from common.tasks import train as T
 
     run_dir, _ = fed_run
     cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2"])
@@ -181,8 +181,8 @@ def test_sweep_over_modes_scores_the_same_test_file_rows_and_writes_a_summary(tm
         assert f"{mode}: 2 merchants" in proc.stdout and ", 48 test examples" in proc.stdout, proc.stdout
     assert {r["test_examples"] for r in found.values()} == {48}
     assert len({r["test_digest"] for r in found.values()}) == 1
-    from common import data as D
-    from common.config import compose
+    from common.run.config import compose
+    from common.tasks import data as D
 
     cfg = compose([a.replace("'", "") for a in args])
     fd = D.prepare(cfg)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common import wire
-from common.config import STRATEGIES, compose
+from common.protocol import wire
+from common.run.config import STRATEGIES, compose
 from server.strategy import Aggregator, Sent, build_strategy, carried_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def test_every_strategy_preset_is_flowers_with_the_yaml_values(name):
 
 
 def test_a_strategy_without_its_yaml_value_is_refused():
-    from common.errors import FedshopError
+    from common.run.errors import FedshopError
 
     with pytest.raises(FedshopError, match="config strategy.eta=None"):
         compose(["strategy=fedadam", "strategy.eta=null"])

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import FedshopError
+from common.run.errors import FedshopError
 
 FORMAT_VERSION = 2  # 2: the base fingerprint (only the exchanged state is saved)
 

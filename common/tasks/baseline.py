@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from common.metrics import accuracy, macro_f1, ndcg_at_k
+from common.tasks.metrics import accuracy, macro_f1, ndcg_at_k
 
 
 class KeywordBaseline:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ATTACKS = ("sign_flip", "scale")
+from common.run.config import ATTACKS
 
 
 def poison(local: dict[str, np.ndarray], reference: dict[str, np.ndarray], kind: str,

@@ -21,8 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from common.config import FinetuneConfig, ModelConfig
-from common.errors import FedshopError
+from common.run.config import FinetuneConfig, ModelConfig
+from common.run.errors import FedshopError
 
 log = logging.getLogger(__name__)
 LABELS_FILE = "fedshop_labels.json"

@@ -22,13 +22,14 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from transformers import PreTrainedTokenizerBase
 
-from common import data as D
-from common import model as M
-from common import synthetic, wire
-from common import train as T
-from common.config import FedshopConfig
-from common.metrics import catalog_ranking, classification_report, confusion, expected_gain, per_class
-from common.retrieval import Encoder, retriever_path
+from common.run import keys
+from common.run.config import FedshopConfig
+from common.tasks import data as D
+from common.tasks import model as M
+from common.tasks import synthetic
+from common.tasks import train as T
+from common.tasks.encoder import Encoder, retriever_path
+from common.tasks.metrics import catalog_ranking, classification_report, confusion, expected_gain, per_class
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class Evaluation:
         classes = per_class(y, pred, self.labels)
         out: dict[str, Any] = {
             "loss": loss, **classification_report(y, probs, len(self.labels), ds["query_id"], self.gains),
-            wire.NUM_EXAMPLES: len(ds), "eval": "full" if full or ds is self.pairs else "subset",
+            keys.NUM_EXAMPLES: len(ds), "eval": "full" if full or ds is self.pairs else "subset",
             "recall": {k: v["recall"] for k, v in classes.items()},
             "precision": {k: v["precision"] for k, v in classes.items()},
             "confusion": confusion(y, pred, len(self.labels))}

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.env import OFFLINE
+from common.run.env import OFFLINE
 
 
 def flower_env(run_dir: Path) -> dict[str, str]:

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
-from common import synthetic
-from common.config import DataConfig, FedshopConfig
-from common.errors import FedshopError
+from common.run.config import DataConfig, FedshopConfig
+from common.run.errors import FedshopError
+from common.tasks import synthetic
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
@@ -341,7 +341,7 @@ def partition(pool: datasets.Dataset, cfg: FedshopConfig, source: str) -> tuple[
         return natural, names
     num = p.num_partitions or k
     if p.name == "dirichlet":
-        assert p.alpha is not None and p.min_partition_size is not None  # common/config.py checked both
+        assert p.alpha is not None and p.min_partition_size is not None  # common/run/config.py checked both
         partitioner = DirichletPartitioner(num_partitions=num, partition_by="label", alpha=p.alpha,
                                            min_partition_size=p.min_partition_size, seed=cfg.seed)
     else:

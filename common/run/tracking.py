@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import FedshopConfig, TrackingConfig, to_json
-from common.errors import FedshopError
+from common.run.config import FedshopConfig, TrackingConfig, to_json
+from common.run.errors import FedshopError
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import wire
-from common.checkpoint import atomic_write_bytes
+from common.run import keys
+from common.run.checkpoint import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from common.tracking import MlflowTracker
+    from common.run.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def summary_line(record: dict[str, Any]) -> str:
                       ("catalog_ndcg@10", "catalog nDCG@10")):
         if key in s:
             parts.append(f"{name} {s[key]:.3f}")
-    if record.get("train") and wire.TRAIN_LOSS in record["train"]:
-        parts.append(f"train-loss {record['train'][wire.TRAIN_LOSS]:.4f}")
+    if record.get("train") and keys.TRAIN_LOSS in record["train"]:
+        parts.append(f"train-loss {record['train'][keys.TRAIN_LOSS]:.4f}")
     if record.get("privacy"):
         parts.append(f"epsilon {record['privacy']['epsilon']:.3f} (delta {record['privacy']['delta']:g})")
     if record.get("record_privacy"):
@@ -133,7 +133,7 @@ def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
     ax1.set_title("global model on held-out test")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    for group, key, label in (("server", "loss", "test loss"), ("train", wire.TRAIN_LOSS, "train loss (merchants)"),
+    for group, key, label in (("server", "loss", "test loss"), ("train", keys.TRAIN_LOSS, "train loss (merchants)"),
                               ("evaluate", "loss", "validation loss (merchants)")):
         pts = [(r["round"], (r.get(group) or {}).get(key)) for r in rounds]
         pts = [(x, y) for x, y in pts if y is not None]

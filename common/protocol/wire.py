@@ -32,6 +32,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
+from common.run.keys import NUM_EXAMPLES as NUM_EXAMPLES
+from common.run.keys import TRAIN_LOSS as TRAIN_LOSS
+from common.run.keys import TRAIN_SECONDS as TRAIN_SECONDS
+
 TRAIN, EVALUATE, QUERY = MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY
 
 # Records of a message's content.
@@ -44,15 +48,12 @@ INFO = "info"
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 EVALUATE_FIRST = "evaluate-first"  # 1: evaluate the received model before training (strategy.evaluate_with_train)
-BASE_FINGERPRINT = "base-fingerprint"  # the frozen base every party must hold (common/exchange.py); query too
+BASE_FINGERPRINT = "base-fingerprint"  # the frozen base every party must hold (common/tasks/exchange.py); query too
 
 # Replies (METRICS, INFO).
-NUM_EXAMPLES = "num-examples"  # Flower's weighted_by_key
 MERCHANT_INDEX = "merchant-index"
 MERCHANT_NAME = "merchant-name"
 ROUNDS_TRAINED = "rounds-trained"  # training rounds this merchant has done in the run, this one included
-TRAIN_LOSS = "train-loss"
-TRAIN_SECONDS = "train-seconds"
 EVAL_PREFIX = "eval-"  # validation metrics of the received model, carried by a train reply
 RECORD_EPSILON = "record-epsilon"  # privacy=example: the epsilon this merchant has spent on its own records
 DECLINED = "declined"  # 1: the merchant did not train this round; INFO[REASON] says why

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from common.errors import FedshopError
-from common.model import minilm_path
+from common.run.errors import FedshopError
+from common.tasks.model import minilm_path
 
 
 def retriever_path(retriever: str | None) -> Path:

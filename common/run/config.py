@@ -13,10 +13,11 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.attacks import ATTACKS
-from common.errors import FedshopError
+from common.run.errors import FedshopError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ATTACKS = ("sign_flip", "scale")  # what a malicious merchant may send (common/protocol/attacks.py; robustness tests)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # conf/ may derive one value from another: `${times:2,${.noise_multiplier}}`.
 # A null factor (privacy=example's noise_multiplier) gives 0.0: the value is then unused (validate() checks).
 OmegaConf.register_new_resolver("times", lambda a, b: 0.0 if b is None else float(a) * float(b), replace=True)

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from common import wire
-from common.config import TrainConfig
-from common.dp import RecordDP
-from common.metrics import classification_report
+from common.run import keys
+from common.run.config import TrainConfig
+from common.tasks.dp import RecordDP
+from common.tasks.metrics import classification_report
 
 
 def set_seed(seed: int) -> None:
@@ -151,8 +151,8 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
         if dp is not None:
             dp.detach()
     model.to("cpu")
-    return {wire.TRAIN_LOSS: total_loss / max(seen, 1), wire.NUM_EXAMPLES: len(ds),
-            wire.TRAIN_SECONDS: time.perf_counter() - t0}
+    return {keys.TRAIN_LOSS: total_loss / max(seen, 1), keys.NUM_EXAMPLES: len(ds),
+            keys.TRAIN_SECONDS: time.perf_counter() - t0}
 
 
 @torch.no_grad()
@@ -177,7 +177,7 @@ def evaluate(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrained
              label_gains: list[float] | None) -> dict[str, float]:
     """loss, accuracy, macro_f1 and (relevance) ndcg@10 of the model on tokenised `ds`."""
     if len(ds) == 0:
-        return {"loss": 0.0, "accuracy": 0.0, "macro_f1": 0.0, wire.NUM_EXAMPLES: 0}
+        return {"loss": 0.0, "accuracy": 0.0, "macro_f1": 0.0, keys.NUM_EXAMPLES: 0}
     probs, loss = predict(model, ds, tokenizer, cfg)
     report = classification_report(ds["label"], probs, probs.shape[1], ds["query_id"], label_gains)
-    return {"loss": loss, **report, wire.NUM_EXAMPLES: len(ds)}
+    return {"loss": loss, **report, keys.NUM_EXAMPLES: len(ds)}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from common.config import FedshopConfig, to_typed
-from common.env import set_offline
-from common.errors import FedshopError
-from common.logs import warnings_to_log
+from common.run.config import FedshopConfig, to_typed
+from common.run.env import set_offline
+from common.run.errors import FedshopError
+from common.run.logs import warnings_to_log
 
 
 def run_guarded(cfg_raw: DictConfig, run_dir: Path, job: Callable[[FedshopConfig, Path], int],
@@ -35,7 +35,7 @@ def hydra_launcher(job: Callable[[FedshopConfig, Path], int], log: logging.Logge
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    conf = str(Path(__file__).resolve().parents[2] / "conf")
 
     @hydra.main(config_path=conf, config_name="config", version_base=None)
     def main(cfg_raw: DictConfig) -> None:

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import torch
 
-from common.errors import FedshopError
+from common.run.errors import FedshopError
 
 
 def exchanged_names(model: torch.nn.Module) -> list[str]:

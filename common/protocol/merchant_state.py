@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
-from common.errors import FedshopError
+from common.run.errors import FedshopError
 
 STATE_RECORD = "fedshop-merchant"
 
