@@ -15,6 +15,7 @@ from _util import run_simulation, table, write
 from common.run.config import compose
 from common.tasks import data as D
 from common.tasks.baseline import KeywordBaseline
+from common.tasks.registry import get_task
 
 PAIR = ("accuracy", "macro_f1", "ndcg@10")
 CATALOG = ("catalog_ndcg@10", "catalog_mrr", "catalog_recall@10", "hard_first")
@@ -35,8 +36,8 @@ def baseline_rows(cfg_overrides: list[str], baselines: dict[str, Any], test_exam
     """Keyword TF-IDF (its pair metrics and catalog ranking) and bi-encoder retrieval alone (catalog only)."""
     cfg = compose(cfg_overrides)
     fd = D.prepare(cfg)
-    gains = D.label_gains(cfg.data, fd.labels)
-    assert gains is not None, "the comparison needs a relevance task"
+    gains = get_task(cfg).label_gains(fd.labels)
+    assert gains is not None, "the comparison needs a ranking task"
     kw = KeywordBaseline(len(fd.labels)).fit(fd.pooled_train)
     pairs = kw.evaluate(fd.test, gains)
     rows = []

@@ -17,38 +17,35 @@ from _util import run_simulation, table, write
 
 from common.run.config import compose
 from common.tasks import data as D
-from common.tasks import exchange
-from common.tasks import model as M
-from common.tasks import train as T
+from common.tasks.base import train_seed
+from common.tasks.registry import get_task
 
 
 def direct_rounds(overrides: list[str]) -> list[float]:
     """Seconds per round of the federated computation without Flower."""
     cfg = compose(overrides)
-    T.configure_threads(cfg.train)
     fd = D.prepare(cfg)
-    tok = M.load_tokenizer(cfg.model)
-    model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
-    gains = D.label_gains(cfg.data, fd.labels)
-    trains = [M.tokenize(t, tok, cfg.train.max_length) for t in fd.train]
-    vals = [M.tokenize(v, tok, cfg.train.max_length) for v in fd.val]
-    test = M.tokenize(fd.test, tok, cfg.train.max_length)
-    weights = exchange.extract(model)
-    T.evaluate(model, test, tok, cfg.train, gains)
+    wb = get_task(cfg).workbench(fd.labels)
+    task, model = wb.task, wb.model
+    trains = [task.tokenize(t, wb) for t in fd.train]
+    vals = [task.tokenize(v, wb) for v in fd.val]
+    test = task.tokenize(fd.test, wb)
+    weights = task.exchanged(model)
+    task.evaluate(wb, test)
     seconds = []
     for rnd in range(1, cfg.strategy.num_rounds + 1):
         t0 = time.perf_counter()
         updates = []
         for k, train in enumerate(trains):
-            exchange.load(model, weights)
-            T.train(model, train, tok, cfg.train, cfg.train.local_epochs, cfg.seed * 1_000_003 + rnd * 1009 + k)
-            updates.append((exchange.extract(model), len(train)))
+            task.load_exchanged(model, weights)
+            task.train(wb, train, cfg.train.local_epochs, train_seed(cfg.seed, rnd, k))
+            updates.append((task.exchanged(model), len(train)))
         total = sum(n for _, n in updates)
         weights = {key: np.sum([w[key] * (n / total) for w, n in updates], axis=0) for key in weights}
-        exchange.load(model, weights)
+        task.load_exchanged(model, weights)
         for val in vals:
-            T.evaluate(model, val, tok, cfg.train, gains)
-        T.evaluate(model, test, tok, cfg.train, gains)
+            task.evaluate(wb, val)
+        task.evaluate(wb, test)
         seconds.append(time.perf_counter() - t0)
     return seconds
 

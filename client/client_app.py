@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from transformers import PreTrainedTokenizerBase
 
 from client import flower_patches
 from client.secure import secure_mod
@@ -30,24 +28,27 @@ from common.run.config import FedshopConfig, from_run_config
 from common.run.errors import FedshopError
 from common.tasks import data as D
 from common.tasks import dp, exchange
-from common.tasks import model as M
-from common.tasks import train as T
+from common.tasks.base import Task, Workbench, train_seed
+from common.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Merchant:
-    """This node's merchant: who it is, its tokenised shard and the (shared) model skeleton it trains."""
+    """This node's merchant: who it is, its tokenised shard and the task's (shared) workbench it trains."""
 
     index: int
     name: str
-    model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    base_fingerprint: str  # of the frozen part of `model` (common/tasks/exchange.py)
+    wb: Workbench
+    base_fingerprint: str  # of the frozen part of the model (common/tasks/exchange.py)
     train: datasets.Dataset
     val: datasets.Dataset
-    gains: list[float] | None
+
+    @property
+    def task(self) -> Task:
+        """The run's task."""
+        return self.wb.task
 
     def check_base(self, requested: str | None) -> None:
         """Refuse to work on another frozen base than the server's."""
@@ -70,7 +71,7 @@ class _Shard:
 # Caches that only save work: one model skeleton per process (every message overwrites its exchanged state)
 # and the tokenised shards of the merchants this process served last (a simulation actor serves many virtual
 # merchants). What a merchant must remember between rounds lives in Context.state (common/protocol/merchant_state.py).
-_MODELS: dict[str, tuple[torch.nn.Module, PreTrainedTokenizerBase, str]] = {}
+_MODELS: dict[str, tuple[Workbench, str]] = {}
 _SHARDS: OrderedDict[str, _Shard] = OrderedDict()
 MAX_CACHED_SHARDS = 64
 
@@ -106,23 +107,20 @@ def load_merchant(cfg: FedshopConfig, node_config: dict[str, Any]) -> Merchant:
     if model_key not in _MODELS:
         _MODELS.clear()
         _SHARDS.clear()
-        T.configure_threads(cfg.train)
     if key in _SHARDS:
         _SHARDS.move_to_end(key)
     else:
         index, name, train, val, labels = _read_shard(cfg, node_config)
         if model_key not in _MODELS:
-            model = M.build_model(cfg.model, labels, cfg.seed, cfg.finetune)
-            _MODELS[model_key] = (model, M.load_tokenizer(cfg.model), exchange.fingerprint(model))
-        tokenizer = _MODELS[model_key][1]
-        _SHARDS[key] = _Shard(index, name, M.tokenize(train, tokenizer, cfg.train.max_length, cfg.data.num_proc),
-                              M.tokenize(val, tokenizer, cfg.train.max_length, cfg.data.num_proc), labels)
+            wb = get_task(cfg).workbench(labels)
+            _MODELS[model_key] = (wb, exchange.fingerprint(wb.model))
+        wb = _MODELS[model_key][0]
+        _SHARDS[key] = _Shard(index, name, wb.task.tokenize(train, wb), wb.task.tokenize(val, wb), labels)
         while len(_SHARDS) > MAX_CACHED_SHARDS:
             _SHARDS.popitem(last=False)
     shard = _SHARDS[key]
-    model, tokenizer, fingerprint = _MODELS[model_key]
-    return Merchant(shard.index, shard.name, model, tokenizer, fingerprint, shard.train, shard.val,
-                    D.label_gains(cfg.data, shard.labels))
+    wb, fingerprint = _MODELS[model_key]
+    return Merchant(shard.index, shard.name, wb, fingerprint, shard.train, shard.val)
 
 
 @functools.lru_cache(maxsize=4)
@@ -173,10 +171,10 @@ def _train(cfg: FedshopConfig, merchant: Merchant, ins: wire.Instruction, contex
         private = planned
     evaluated: dict[str, float] = {}
     if ins.evaluate_first:  # the received global model, before training changes it (strategy.evaluate_with_train)
-        evaluated = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
-    seed = cfg.seed * 1_000_003 + ins.server_round * 1009 + merchant.index
-    metrics = T.train(merchant.model, merchant.train, merchant.tokenizer, cfg.train, cfg.train.local_epochs,
-                      seed, proximal_mu=ins.proximal_mu, desc=f"{merchant.name} round {ins.server_round}", dp=private)
+        evaluated = merchant.task.evaluate(merchant.wb, merchant.val)
+    metrics = merchant.task.train(merchant.wb, merchant.train, cfg.train.local_epochs,
+                                  train_seed(cfg.seed, ins.server_round, merchant.index), proximal_mu=ins.proximal_mu,
+                                  desc=f"{merchant.name} round {ins.server_round}", dp=private)
     spent = None
     if budget is not None and private is not None:
         spent = dp.epsilon(private.history, cfg.privacy.delta)
@@ -185,7 +183,7 @@ def _train(cfg: FedshopConfig, merchant: Merchant, ins: wire.Instruction, contex
                               "noise_multiplier": private.noise_multiplier})
         budget.save(context.state, budget_file)
     n = int(metrics.pop(wire.NUM_EXAMPLES))
-    arrays = exchange.extract(merchant.model)
+    arrays = merchant.task.exchanged(merchant.wb.model)
     if merchant.index in cfg.simulation.attackers:  # robustness tests only
         arrays = attacks.poison(arrays, wire.from_arrays(ins.arrays), cfg.simulation.attack,
                                 cfg.simulation.attack_scale)
@@ -235,7 +233,7 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None, log_file: Path | No
         ins = wire.Instruction.from_content(msg.content)
         merchant = load_merchant(cfg, dict(context.node_config))
         merchant.check_base(ins.base_fingerprint)
-        exchange.load(merchant.model, wire.from_arrays(ins.arrays))
+        merchant.task.load_exchanged(merchant.wb.model, wire.from_arrays(ins.arrays))
         return cfg, merchant, ins
 
     @app.lifespan()
@@ -264,7 +262,7 @@ def build_client_app(fixed_cfg: FedshopConfig | None = None, log_file: Path | No
     def evaluate(msg: Message, context: Context) -> Message:
         t0 = time.time()
         cfg, merchant, ins = receive(msg, context)
-        scores = T.evaluate(merchant.model, merchant.val, merchant.tokenizer, cfg.train, merchant.gains)
+        scores = merchant.task.evaluate(merchant.wb, merchant.val)
         n = int(scores.pop(wire.NUM_EXAMPLES))
         note(context, _line("evaluate", merchant, ins.server_round, n, time.time() - t0, scores.get("loss")))
         return Message(content=wire.EvaluateReply(n, merchant.index, scores).to_content(), reply_to=msg)

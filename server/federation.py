@@ -23,9 +23,7 @@ from common.run.results import RunLog
 from common.run.tracking import open_tracker
 from common.tasks import data as D
 from common.tasks import exchange
-from common.tasks import model as M
-from common.tasks import train as T
-from common.tasks.evaluation import Evaluation
+from common.tasks.registry import get_task
 from server import flower_patches
 from server.grid import MerchantGrid, Roster
 from server.live import LivePage, status
@@ -60,12 +58,11 @@ class Federation:
 
     def __init__(self, grid: Grid, cfg: FedshopConfig, run_dir: Path, roster: Roster | None = None) -> None:
         self.cfg, self.run_dir, self.cfg_json = cfg, run_dir, training_json(cfg)
-        T.set_seed(cfg.seed)
-        T.configure_threads(cfg.train)
+        self.task = get_task(cfg)
         test_raw, self.labels = D.load_test(cfg)
-        self.tokenizer = M.load_tokenizer(cfg.model)
-        self.model = M.build_model(cfg.model, self.labels, cfg.seed, cfg.finetune)
-        self.evaluation = Evaluation(cfg, test_raw, self.labels, self.tokenizer)
+        self.wb = self.task.workbench(self.labels)
+        self.model = self.wb.model
+        self.evaluation = self.task.evaluation(self.wb, test_raw)
         self.base_fingerprint = exchange.fingerprint(self.model)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.grid = MerchantGrid(grid, cfg.strategy.round_timeout, cfg.deploy.poll_interval, self.base_fingerprint,
@@ -84,7 +81,7 @@ class Federation:
             log.info("live page: %s", self.live.url)
         self.connected, self.round_started = 0, time.time()
         meta = {"mode": "federated", "strategy": cfg.strategy.name, "labels": self.labels,
-                "test_examples": len(self.evaluation.pairs), "evaluation": self.evaluation.describe(),
+                "test_examples": self.evaluation.num_examples, "evaluation": self.evaluation.describe(),
                 "test_digest": D.rows_digest(test_raw), "finetune": cfg.finetune.name,
                 "base_fingerprint": self.base_fingerprint, "live_page": self.live.url if self.live else None,
                 "title": f"fedshop {cfg.strategy.name}, {cfg.model.name}"}
@@ -97,11 +94,11 @@ class Federation:
             saved = (self.payload or {}).get("strategy_state", {}).get("privacy", {})
             population = int(saved.get("population") or cfg.privacy.population or connected_merchants(self.grid, cfg))
         strategy = make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, population)
-        return Aggregator.for_config(strategy, wire.spec(exchange.extract(self.model)), cfg)
+        return Aggregator.for_config(strategy, wire.spec(self.task.exchanged(self.model)), cfg)
 
     def server_eval(self, weights: dict[str, Any], full: bool = False) -> dict[str, Any]:
         """The global model's metrics on the held-out test set: its round subset, or all of it."""
-        exchange.load(self.model, weights)
+        self.task.load_exchanged(self.model, weights)
         return self.evaluation(self.model, full)
 
     def checkpoint(self, rnd: int, weights: dict[str, Any]) -> None:
@@ -126,7 +123,7 @@ class Federation:
                      self.last.name)
             weights, start = self.payload["weights"], int(self.payload["round"]) + 1
         else:
-            weights, start = exchange.extract(self.model), 1
+            weights, start = self.task.exchanged(self.model), 1
             t0 = time.time()
             self.runlog.add({"round": 0, "server": self.server_eval(weights), "seconds": time.time() - t0})
             self.checkpoint(0, weights)
@@ -250,8 +247,8 @@ class Federation:
             arrays = self.run_round(rnd, arrays)
         if self.runlog.rounds[-1]["server"].get("eval") != "full":  # stopped early: the final model scored in full
             self.runlog.update(self.runlog.rounds[-1]["round"], server=self.server_eval(wire.from_arrays(arrays), True))
-        exchange.load(self.model, wire.from_arrays(arrays))
-        M.save_final(self.model, self.tokenizer, self.labels, self.run_dir / "model", self.run_dir / "adapter")
+        self.task.load_exchanged(self.model, wire.from_arrays(arrays))
+        self.task.save(self.wb, self.run_dir / "model", self.run_dir / "adapter")
         final = self.runlog.rounds[-1]["server"]
         extra: dict[str, Any] = {"privacy": self.privacy_summary()} if self.cfg.privacy.name != "none" else {}
         if stopped is not None:

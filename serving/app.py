@@ -116,7 +116,7 @@ class Service:
             old = self.ranker
             try:
                 new = Ranker(model_dir, form or old.form, self.cfg.max_length, self.cfg.gains,
-                             old.fp32_layers if fp32_layers is None else fp32_layers)
+                             old.fp32_layers if fp32_layers is None else fp32_layers, self.cfg.fallback_gains)
             except FedshopError as exc:
                 raise HTTPError(422, str(exc), field="model_dir") from exc
             self.ranker = new
@@ -196,7 +196,7 @@ def load_service(cfg: ServingConfig) -> Service:
     if not cfg.catalog:
         raise FedshopError("serving.catalog: the product catalog file is required")
     catalog = load_catalog(cfg.catalog)
-    ranker = Ranker(cfg.model_dir, cfg.form, cfg.max_length, cfg.gains, cfg.int8_fp32_layers)
+    ranker = Ranker(cfg.model_dir, cfg.form, cfg.max_length, cfg.gains, cfg.int8_fp32_layers, cfg.fallback_gains)
     retriever = retriever_path(cfg.retriever)
     index = Index(Encoder(retriever, cfg.max_length), catalog, cfg.ann_min_products, cfg.ann_m, cfg.ann_ef_search)
     return Service(cfg, catalog, ranker, index)

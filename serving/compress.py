@@ -253,7 +253,7 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     if not log_path.is_file():
         raise FedshopError(f"serving.compress.query_log={log_path}: not found")
     query_log = [q.strip() for q in log_path.read_text().splitlines() if q.strip()]
-    teacher = Ranker(teacher_dir, "fp32", v.max_length, v.gains)
+    teacher = Ranker(teacher_dir, "fp32", v.max_length, v.gains, fallback_gains=v.fallback_gains)
 
     encoder = Encoder(retriever_path(v.retriever), v.max_length)
     pairs = unlabeled_pairs(catalog, query_log, encoder, c.distill_pairs_per_query, cfg.seed)
@@ -268,7 +268,7 @@ def compress(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     t8, s8 = mixed["teacher"]["fp32_layers"], mixed["student"]["fp32_layers"]
 
     def form(model_dir: Path, kind: str, fp32_layers: list[int] | None = None) -> Ranker:
-        return Ranker(model_dir, kind, v.max_length, v.gains, fp32_layers or [])
+        return Ranker(model_dir, kind, v.max_length, v.gains, fp32_layers or [], v.fallback_gains)
 
     # The -mixed forms exist only when the search kept a layer fp32 (else they are the int8 form).
     forms = {"fp32": teacher, "int8": form(teacher_dir, "int8"),

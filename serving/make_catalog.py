@@ -18,14 +18,15 @@ from pathlib import Path
 from common.run.config import FedshopConfig, compose
 from common.run.errors import FedshopError
 from common.tasks import data as D
+from common.tasks.registry import get_task
 from common.tasks.synthetic import BRANDS, generate_relevance
 
 
 def write_catalog(cfg: FedshopConfig, out: Path) -> tuple[Path, Path]:
     """Write catalog.csv, queries.jsonl and query_log.txt under out; returns the first two paths."""
-    if cfg.data.task != "relevance":
-        raise FedshopError("data.task: a catalog needs (query, product) relevance data")
-    raw, _ = D.load_raw(cfg.data, cfg.seed)
+    if not get_task(cfg).pair:
+        raise FedshopError(f"data.task={cfg.data.task}: a catalog needs (query, product) data")
+    raw, _ = D.load_raw(cfg)
     fd = D.prepare(cfg)
     rng = random.Random(cfg.seed)
     ids: dict[str, str] = {}

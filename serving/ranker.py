@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from common.run.config import compose
 from common.run.errors import FedshopError
 from common.tasks.model import LABELS_FILE
 
 log = logging.getLogger(__name__)
-ESCI_GAINS = {"exact": 1.0, "substitute": 0.1, "complement": 0.01, "irrelevant": 0.0}
 FORMS = ("fp32", "int8", "onnx", "onnx-int8")
 ONNX_DIR = "onnx"  # inside the model directory: model.onnx, model.int8.onnx (made on first use)
 
@@ -35,8 +35,10 @@ def model_version(model_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def read_labels(model_dir: Path, gains: dict[str, float] | None) -> tuple[list[str], list[float]]:
-    """Label names (fedshop_labels.json, else config.json's id2label) and each label's ranking gain."""
+def read_labels(model_dir: Path, gains: dict[str, float] | None,
+                fallback: dict[str, float] | None = None) -> tuple[list[str], list[float]]:
+    """Label names (fedshop_labels.json, else config.json's id2label) and each label's ranking gain: `gains`,
+    else the directory's own, else `fallback` (serving.fallback_gains)."""
     path = model_dir / LABELS_FILE
     if path.is_file():
         doc = json.loads(path.read_text())
@@ -46,7 +48,7 @@ def read_labels(model_dir: Path, gains: dict[str, float] | None) -> tuple[list[s
         config = json.loads((model_dir / "config.json").read_text())
         labels = [str(config["id2label"][str(i)]) for i in range(len(config["id2label"]))]
         saved = {}
-    table = {**ESCI_GAINS, **saved, **(gains or {})}
+    table = {**(fallback or {}), **saved, **(gains or {})}
     missing = [name for name in labels if name not in table]
     if missing:
         raise FedshopError(f"{model_dir}: no ranking gain for label(s) {missing}; set serving.gains")
@@ -111,7 +113,8 @@ class Ranker:
     """A loaded, warmed-up model: score(query, titles) -> expected relevance gain per title."""
 
     def __init__(self, model_dir: str | Path, form: str = "fp32", max_length: int = 64,
-                 gains: dict[str, float] | None = None, fp32_layers: list[int] | tuple[int, ...] = ()) -> None:
+                 gains: dict[str, float] | None = None, fp32_layers: list[int] | tuple[int, ...] = (),
+                 fallback_gains: dict[str, float] | None = None) -> None:
         self.model_dir = Path(model_dir).expanduser().resolve()
         if form not in FORMS:
             raise FedshopError(f"serving.form={form!r}: expected one of {', '.join(FORMS)}")
@@ -120,7 +123,9 @@ class Ranker:
                                f"(no config.json)")
         self.form, self.max_length = form, max_length
         self.fp32_layers = sorted(set(fp32_layers)) if form.endswith("int8") else []
-        self.labels, gain_list = read_labels(self.model_dir, gains)
+        if fallback_gains is None:  # conf/'s own (serving.fallback_gains)
+            fallback_gains = dict(compose([]).serving.fallback_gains)
+        self.labels, gain_list = read_labels(self.model_dir, gains, fallback_gains)
         self.gains = torch.tensor(gain_list, dtype=torch.float32)
         self.gain_vector = self.gains.numpy()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,17 @@ from common.run.config import FedshopConfig
 from common.run.results import RunLog
 from common.run.tracking import open_tracker
 from common.tasks import data as D
-from common.tasks import model as M
-from common.tasks import train as T
-from common.tasks.evaluation import Evaluation
+from common.tasks.base import HeldOut, Workbench, train_seed
+from common.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
 
 
-def _setup(cfg: FedshopConfig) -> tuple[D.FederatedData, Any, Evaluation]:
-    T.set_seed(cfg.seed)
-    T.configure_threads(cfg.train)
+def _setup(cfg: FedshopConfig) -> tuple[D.FederatedData, Workbench, HeldOut]:
+    """The data, the task's workbench (the model every mode starts from) and the held-out evaluation."""
     fd = D.prepare(cfg)
-    tokenizer = M.load_tokenizer(cfg.model)
-    return fd, tokenizer, Evaluation(cfg, fd.test, fd.labels, tokenizer)
+    wb = get_task(cfg).workbench(fd.labels)
+    return fd, wb, wb.task.evaluation(wb, fd.test)
 
 
 def _mean(scores: list[dict[str, Any]], weights: list[int]) -> dict[str, Any]:
@@ -45,9 +44,9 @@ def _mean(scores: list[dict[str, Any]], weights: list[int]) -> dict[str, Any]:
 
 def run_centralized(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     """One model trained on the union of all merchants' train splits, num_rounds × local_epochs epochs."""
-    fd, tokenizer, evaluation = _setup(cfg)
-    model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
-    pooled = M.tokenize(fd.pooled_train, tokenizer, cfg.train.max_length, cfg.data.num_proc)
+    fd, wb, evaluation = _setup(cfg)
+    task, model = wb.task, wb.model
+    pooled = task.tokenize(fd.pooled_train, wb)
     runlog = RunLog(run_dir, {"mode": "centralized", "labels": fd.labels, "train_examples": len(pooled),
                               "test_examples": len(fd.test), "evaluation": evaluation.describe(),
                               "test_digest": D.rows_digest(fd.test), "title": f"fedshop centralized, {cfg.model.name}"},
@@ -57,11 +56,11 @@ def run_centralized(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     rounds = cfg.strategy.num_rounds
     for rnd in range(1, rounds + 1):
         t0 = time.time()
-        metrics = T.train(model, pooled, tokenizer, cfg.train, cfg.train.local_epochs, cfg.seed * 1_000_003 + rnd,
-                          desc=f"centralized round {rnd}")
+        metrics = task.train(wb, pooled, cfg.train.local_epochs, train_seed(cfg.seed, rnd),
+                             desc=f"centralized round {rnd}")
         runlog.add({"round": rnd, "server": evaluation(model, rnd == rounds), "train": metrics,
                     "seconds": time.time() - t0})
-    M.save_final(model, tokenizer, fd.labels, run_dir / "model")
+    task.save(wb, run_dir / "model")
     final = runlog.rounds[-1]["server"]
     runlog.write(status="completed", final=final)
     runlog.close()
@@ -76,27 +75,26 @@ def run_alone(cfg: FedshopConfig, run_dir: Path) -> dict[str, Any]:
     between are not scored: ten models' evaluations would cost more than their training. model/ holds the model
     of the largest merchant.
     """
-    fd, tokenizer, evaluation = _setup(cfg)
-    sizes = [len(t) for t in fd.train]
+    fd, first, evaluation = _setup(cfg)
+    task, sizes = first.task, [len(t) for t in fd.train]
     rounds = cfg.strategy.num_rounds
-    start = evaluation(M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune), False)
+    start = evaluation(first.model, False)
     finals: list[dict[str, Any]] = []
     seconds = 0.0
     per_merchant: dict[str, dict[str, Any]] = {}
     largest = int(np.argmax(sizes))
     for k, (name, train) in enumerate(zip(fd.names, fd.train, strict=True)):
-        model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
-        tok = M.tokenize(train, tokenizer, cfg.train.max_length)
+        wb = replace(first, model=task.build_model(fd.labels, cfg.seed))
+        tok = task.tokenize(train, wb)
         t0 = time.time()
         for rnd in range(1, rounds + 1):
-            T.train(model, tok, tokenizer, cfg.train, cfg.train.local_epochs,
-                    cfg.seed * 1_000_003 + rnd * 1009 + k, desc=f"{name} alone round {rnd}")
+            task.train(wb, tok, cfg.train.local_epochs, train_seed(cfg.seed, rnd, k), desc=f"{name} alone round {rnd}")
         seconds += time.time() - t0
-        finals.append(evaluation(model, True))
+        finals.append(evaluation(wb.model, True))
         per_merchant[name] = {**finals[-1], "train_examples": len(train)}
         log.info("%s alone: %s", name, {k2: round(v, 4) for k2, v in finals[-1].items() if isinstance(v, float)})
         if k == largest:
-            M.save_final(model, tokenizer, fd.labels, run_dir / "model")
+            task.save(wb, run_dir / "model")
     runlog = RunLog(run_dir, {"mode": "alone", "labels": fd.labels, "test_examples": len(fd.test),
                               "evaluation": evaluation.describe(), "baselines": evaluation.baselines(),
                               "test_digest": D.rows_digest(fd.test),

@@ -10,6 +10,7 @@ from common.tasks import data as D
 from common.tasks import evaluation as E
 from common.tasks import model as M
 from common.tasks.metrics import catalog_ranking
+from common.tasks.registry import get_task
 
 SMALL = ["model=tiny", "finetune=full", "train.progress=false", "simulation.num_merchants=3",
          "data.synthetic.num_queries=40", "data.synthetic.test_queries=30", "data.synthetic.hard_queries=10",
@@ -20,8 +21,10 @@ SMALL = ["model=tiny", "finetune=full", "train.progress=false", "simulation.num_
 def setup():
     cfg = compose(SMALL)
     fd = D.prepare(cfg)
-    tokenizer = M.load_tokenizer(cfg.model)
-    return cfg, fd, tokenizer, E.Evaluation(cfg, fd.test, fd.labels, tokenizer)
+    wb = get_task(cfg).workbench(fd.labels)
+    ev = wb.task.evaluation(wb, fd.test)
+    assert isinstance(ev, E.Evaluation)
+    return cfg, fd, wb.tokenizer, ev
 
 
 def test_rounds_score_a_fixed_subset_and_the_end_scores_everything(setup):

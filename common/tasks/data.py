@@ -24,6 +24,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Natu
 from common.run.config import DataConfig, FedshopConfig
 from common.run.errors import FedshopError
 from common.tasks import synthetic
+from common.tasks.registry import get_task, task_class
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
@@ -171,16 +172,13 @@ def read_file(path: str | Path, fmt: str = "auto", field: str = "data.path",
     return ds
 
 
-def load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, str]:
-    """The configured examples as a raw Dataset, and a name for messages."""
-    if cfg.source == "synthetic":
-        s = cfg.synthetic
-        gen = synthetic.generate_relevance if cfg.task == "relevance" else synthetic.generate_reviews
-        size = s.num_queries if cfg.task == "relevance" else s.num_reviews
-        rows = gen(s.num_merchants, size, seed, s.concentration, s.label_noise)
-        return datasets.Dataset.from_list(rows), SYNTHETIC
-    assert cfg.path is not None
-    return read_file(cfg.path, cfg.format, cache_dir=cfg.cache_dir), f"data file {Path(cfg.path).expanduser()}"
+def load_raw(cfg: FedshopConfig) -> tuple[datasets.Dataset, str]:
+    """The configured examples as a raw Dataset (the task's built-in data, or data.path), and a name for messages."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return datasets.Dataset.from_list(get_task(cfg).generate(cfg.seed)), SYNTHETIC
+    assert d.path is not None
+    return read_file(d.path, d.format, cache_dir=d.cache_dir), f"data file {Path(d.path).expanduser()}"
 
 
 def _strings(values: pa.ChunkedArray) -> pa.Array:
@@ -263,7 +261,7 @@ class _Normalizer:
     def _query_id(self, batch: pa.Table, text: pa.Array, pair: pa.Array | None) -> pa.Array:
         if self.cfg.columns.query_id:
             return pc.fill_null(_strings(batch[self.cfg.columns.query_id]), "None")
-        if self.cfg.task == "relevance":
+        if task_class(self.cfg.task).group_by_text:
             return text
         # group by content: stable when rows move between files, and duplicates never straddle splits
         pairs = pair.to_pylist() if pair is not None else [""] * len(text)
@@ -360,7 +358,8 @@ def _data_key(cfg: FedshopConfig) -> str:
 
 
 def _build(cfg: FedshopConfig) -> FederatedData:
-    raw, source = load_raw(cfg.data, cfg.seed)
+    get_task(cfg)  # an unknown task, or a config it cannot run, fails before any data is read
+    raw, source = load_raw(cfg)
     ds, labels = normalize(raw, cfg.data, source)
     judged = judged_set(cfg)
     if cfg.data.test_path:  # a fixed test file: every row of the data trains
@@ -377,22 +376,11 @@ def _build(cfg: FedshopConfig) -> FederatedData:
 
 
 _CACHE: dict[str, FederatedData] = {}
-_JUDGED: dict[str, synthetic.JudgedSet] = {}
 
 
 def judged_set(cfg: FedshopConfig) -> synthetic.JudgedSet | None:
-    """The built-in marketplace's judged test set, catalog and hard queries (task=relevance, no data.test_path;
-    cached per process); None otherwise."""
-    d = cfg.data
-    if d.source != "synthetic" or d.task != "relevance" or d.test_path:
-        return None
-    s = d.synthetic
-    key = json.dumps([s.num_merchants, s.test_queries, cfg.seed, s.concentration, s.hard_queries])
-    if key not in _JUDGED:
-        _JUDGED.clear()
-        _JUDGED[key] = synthetic.generate_judged(s.num_merchants, s.test_queries, cfg.seed, s.concentration,
-                                                 s.hard_queries)
-    return _JUDGED[key]
+    """The task's built-in judged test set, catalog and hard queries (cached per process); None without one."""
+    return get_task(cfg).judged()
 
 
 def _judged_test(cfg: FedshopConfig, judged: synthetic.JudgedSet,
@@ -434,6 +422,7 @@ def prepare(cfg: FedshopConfig) -> FederatedData:
 def load_shard(path: str | Path, cfg: FedshopConfig,
                name: str) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """A merchant's own shard file, validated and split into local (train, val) as in simulation."""
+    get_task(cfg)
     raw = read_file(path, cfg.data.format, "deploy.shard", cfg.data.cache_dir)
     ds, labels = normalize(raw, cfg.data, f"data file {Path(path).expanduser()}")
     train, val = group_split(ds, cfg.data.val_fraction, cfg.seed, f"val:{name}")
@@ -451,13 +440,3 @@ def rows_digest(ds: datasets.Dataset) -> str:
         for col in cols:
             h.update(json.dumps(batch[col].to_pylist()).encode())
     return h.hexdigest()[:16]
-
-
-def label_gains(cfg: DataConfig, labels: list[str]) -> list[float] | None:
-    """Per-label ranking gains for task=relevance (None when the task has no ranking)."""
-    if cfg.task != "relevance":
-        return None
-    missing = [name for name in labels if name not in cfg.gains]
-    if missing:
-        raise FedshopError(f"data.gains has no gain for label(s) {missing}; labels are {labels}")
-    return [float(cfg.gains[name]) for name in labels]

@@ -75,11 +75,11 @@ class Evaluation:
     """The held-out test set of a run, tokenised once, with the catalog's retrieval done once."""
 
     def __init__(self, cfg: FedshopConfig, test_raw: datasets.Dataset, labels: list[str],
-                 tokenizer: PreTrainedTokenizerBase) -> None:
-        self.cfg, self.labels, self.tokenizer = cfg, labels, tokenizer
-        self.gains = D.label_gains(cfg.data, labels)
+                 tokenizer: PreTrainedTokenizerBase, judged: synthetic.JudgedSet | None,
+                 gains: list[float] | None) -> None:
+        self.cfg, self.labels, self.tokenizer, self.judged, self.gains = cfg, labels, tokenizer, judged, gains
         self.pairs = M.tokenize(test_raw, tokenizer, cfg.train.max_length, cfg.data.num_proc)
-        self.judged = D.judged_set(cfg)
+        self.num_examples = len(self.pairs)
         query_ids = list(dict.fromkeys(self.pairs["query_id"]))
         self.num_queries = len(query_ids)
         n = cfg.eval.round_queries

@@ -137,9 +137,9 @@ def merged(model: torch.nn.Module) -> PreTrainedModel:
 
 
 def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, labels: list[str], out_dir: Path,
-               adapter_dir: Path | None = None) -> None:
-    """Write a Hugging Face directory that AutoModelForSequenceClassification loads (adapters merged), plus the
-    label names; a LoRA model's adapter also goes to `adapter_dir` in peft's own format."""
+               adapter_dir: Path | None = None, task: str = "relevance") -> None:
+    """Write a Hugging Face directory that transformers loads (adapters merged), plus the label names and the task
+    (fedshop_labels.json); a LoRA model's adapter also goes to `adapter_dir` in peft's own format."""
     from peft.peft_model import PeftModel
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,4 +147,4 @@ def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, label
         model.save_pretrained(str(adapter_dir))
     merged(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / LABELS_FILE).write_text(json.dumps({"labels": labels}, indent=2))
+    (out_dir / LABELS_FILE).write_text(json.dumps({"labels": labels, "task": task}, indent=2))

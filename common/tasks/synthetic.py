@@ -8,6 +8,7 @@ matches, right-type-wrong-attribute substitutes, sibling-type substitutes, acces
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -326,6 +327,7 @@ class JudgedSet:
     hard: list[HardQuery]
 
 
+@functools.lru_cache(maxsize=1)  # a process asks for the same set many times
 def generate_judged(num_merchants: int, num_queries: int, seed: int, concentration: float,
                     num_hard: int) -> JudgedSet:
     """A held-out test set of num_queries fresh queries from the same merchants as generate_relevance(seed)

@@ -102,9 +102,10 @@ def criterion(cfg: TrainConfig, labels: list[int], num_labels: int) -> Criterion
 
 
 def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
-          epochs: int, seed: int, proximal_mu: float = 0.0, desc: str = "train",
+          epochs: int, seed: int, loss_of: Criterion | None = None, proximal_mu: float = 0.0, desc: str = "train",
           dp: RecordDP | None = None) -> dict[str, float]:
-    """Fine-tune in place for `epochs` over tokenised `ds`; returns mean loss, num-examples, seconds.
+    """Fine-tune in place for `epochs` over tokenised `ds` with `loss_of` (default: train.loss over the model's
+    labels); returns mean loss, num-examples, seconds.
 
     With `dp` (privacy=example) every step is DP-SGD: Opacus clips each example's gradient, adds the noise and
     draws Poisson batches, and `dp.history` gains the steps; train.grad_clip is not applied then."""
@@ -120,8 +121,8 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
         opt, loader = dp.attach(model, opt, loader)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    num_labels = int(model.config.num_labels)  # type: ignore[union-attr, arg-type]
-    loss_of = criterion(cfg, ds["label"], num_labels)  # DP-SGD uses Opacus's (the config allows only ce then)
+    if loss_of is None:  # DP-SGD uses Opacus's (the config allows only ce then)
+        loss_of = criterion(cfg, ds["label"], int(model.config.num_labels))  # type: ignore[union-attr, arg-type]
     total_loss, seen = 0.0, 0
     try:
         for epoch in range(epochs):
