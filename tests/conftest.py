@@ -25,7 +25,7 @@ os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE.name
 # learn; the LoRA tests ask for it explicitly.
 TINY = ["model=tiny", "finetune=full", "train.progress=false", "train.lr=1e-3", "train.warmup_ratio=0.0",
         "train.local_epochs=2"]
-TINY_REVIEWS = [*TINY, "data=synthetic_reviews", "data.synthetic.num_reviews=1200"]
+TINY_REVIEWS = [*TINY, "task=sentiment", "data.synthetic.num_reviews=1200"]
 
 
 def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:

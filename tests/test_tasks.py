@@ -26,7 +26,7 @@ def test_built_in_tasks_are_found_by_name_and_a_users_by_import_path():
 
 
 @pytest.mark.parametrize("name,message", [
-    ("ranking", r"data.task=ranking: unknown task; expected one of \[.*'relevance', 'sentiment'"),
+    ("ranking", r"data.task=ranking: unknown task; expected one of \[.*'relevance', 'retrieval', 'sentiment'"),
     ("tests.toy_task:Nope", r"data.task=tests.toy_task:Nope: cannot import it"),
     ("common.run.config:FedshopConfig", r"is not a subclass of common.tasks.base.Task"),
 ])

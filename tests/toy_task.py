@@ -28,7 +28,7 @@ class ToyRating(Task):
     def build_model(self, labels: list[str], seed: int) -> torch.nn.Module:
         """The tiny model with one regression output."""
         model = M.build_model(self.cfg.model, ["rating"], seed, self.cfg.finetune)
-        model.config.problem_type = "regression"
+        model.config.problem_type = "regression"  # type: ignore[union-attr]
         return model
 
     def tokenize(self, ds: datasets.Dataset, wb: Workbench) -> datasets.Dataset:

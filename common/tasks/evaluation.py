@@ -35,14 +35,57 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Catalog:
-    """Every test query's retrieved candidates (catalog indices, retrieval order) and their tokenised pairs."""
+class References:
+    """A judged catalog's judgements and its reference rankers, computed once per run."""
 
-    retrieved: list[list[int]]
-    pairs: datasets.Dataset  # one row per (query, retrieved product), query-major
+    titles: list[str]
+    retrieved: list[list[int]]  # the reference bi-encoder's top catalog_top_n of every query, best first
     gains: np.ndarray  # (queries, products): the judged gain of every catalog product
     exact: np.ndarray  # (queries, products): judged exact
     baselines: dict[str, dict[str, Any]]  # retrieval alone and keyword, on every query
+
+
+def references(cfg: FedshopConfig, judged: synthetic.JudgedSet, labels: list[str], gains: list[float]) -> References:
+    """The catalog's judgements, the bi-encoder's retrieval (eval.retriever) and keyword TF-IDF, both scored."""
+    t0 = time.perf_counter()
+    titles = [p["title"] for p in judged.catalog]
+    encoder = Encoder(retriever_path(cfg.eval.retriever or cfg.serving.retriever), cfg.train.max_length)
+    retrieved = top_k(encoder.encode(judged.queries) @ encoder.encode(titles).T, cfg.eval.catalog_top_n)
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(titles)  # keyword: the catalog's words
+    gain_of = dict(zip(labels, gains, strict=True))
+    g = np.array([[gain_of[x] for x in row] for row in judged.judgements])
+    exact = np.array([[x == synthetic.ESCI_LABELS[0] for x in row] for row in judged.judgements])
+    keyword = top_k((vec.transform(judged.queries) @ vec.transform(titles).T).toarray(), 10)
+    baselines: dict[str, dict[str, Any]] = {
+        "retrieval": {**catalog_ranking(retrieved, g, exact), **hard_first(judged, _cosine(encoder))},
+        "keyword": {**catalog_ranking(keyword, g, exact), **hard_first(judged, _tfidf(vec))}}
+    log.info("catalog evaluation: %d products, top %d of %d queries retrieved in %.1fs; retrieval alone %s",
+             len(titles), len(retrieved[0]), len(judged.queries), time.perf_counter() - t0,
+             {m: round(v, 4) for m, v in baselines["retrieval"].items() if isinstance(v, float)})
+    return References(titles, retrieved, g, exact, baselines)
+
+
+@dataclass
+class _Catalog:
+    """The references, and every test query's retrieved candidates as tokenised (query, product) pairs."""
+
+    refs: References
+    pairs: datasets.Dataset  # one row per (query, retrieved product), query-major
+
+    @property
+    def retrieved(self) -> list[list[int]]:
+        """The reference retrieval of every query."""
+        return self.refs.retrieved
+
+    @property
+    def gains(self) -> np.ndarray:
+        """Judged gains, (queries, products)."""
+        return self.refs.gains
+
+    @property
+    def exact(self) -> np.ndarray:
+        """Judged exact, (queries, products)."""
+        return self.refs.exact
 
 
 def _pairs(queries: list[str], titles: list[str], tokenizer: PreTrainedTokenizerBase,
@@ -66,7 +109,7 @@ def _tfidf(vec: TfidfVectorizer) -> PairScorer:
                                               ).ravel()
 
 
-def _top(sims: np.ndarray, k: int) -> list[list[int]]:
+def top_k(sims: np.ndarray, k: int) -> list[list[int]]:
     """The k highest-scoring catalog indices of every row, best first (ties in catalog order)."""
     return np.argsort(-sims, axis=1, kind="stable")[:, :k].tolist()
 
@@ -110,32 +153,16 @@ class Evaluation:
         """The catalog's retrieval and judgements (computed on first use; None without a judged catalog)."""
         if self.judged is None or self._catalog is not None:
             return self._catalog
-        t0 = time.perf_counter()
-        j = self.judged
-        titles = [p["title"] for p in j.catalog]
-        encoder = Encoder(retriever_path(self.cfg.eval.retriever or self.cfg.serving.retriever),
-                          self.cfg.train.max_length)
-        retrieved = _top(encoder.encode(j.queries) @ encoder.encode(titles).T, self.cfg.eval.catalog_top_n)
-        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(titles)  # keyword: the catalog's words
-        gain_of = dict(zip(self.labels, self._gains, strict=True))
-        gains = np.array([[gain_of[x] for x in row] for row in j.judgements])
-        exact = np.array([[x == synthetic.ESCI_LABELS[0] for x in row] for row in j.judgements])
-        pairs = _pairs([q for q, r in zip(j.queries, retrieved, strict=True) for _ in r],
-                       [titles[i] for r in retrieved for i in r], self.tokenizer, self.cfg.train.max_length)
-        baselines: dict[str, dict[str, Any]] = {
-            "retrieval": {**catalog_ranking(retrieved, gains, exact), **self._hard(_cosine(encoder))},
-            "keyword": {**catalog_ranking(_top((vec.transform(j.queries) @ vec.transform(titles).T).toarray(), 10),
-                                          gains, exact), **self._hard(_tfidf(vec))}}
-        self._catalog = _Catalog(retrieved, pairs, gains, exact, baselines)
-        log.info("catalog evaluation: %d products, top %d of %d queries retrieved in %.1fs; retrieval alone %s",
-                 len(titles), len(retrieved[0]), len(j.queries), time.perf_counter() - t0,
-                 {m: round(v, 4) for m, v in baselines["retrieval"].items() if isinstance(v, float)})
+        j, refs = self.judged, references(self.cfg, self.judged, self.labels, self._gains)
+        pairs = _pairs([q for q, r in zip(j.queries, refs.retrieved, strict=True) for _ in r],
+                       [refs.titles[i] for r in refs.retrieved for i in r], self.tokenizer, self.cfg.train.max_length)
+        self._catalog = _Catalog(refs, pairs)
         return self._catalog
 
     def baselines(self) -> dict[str, dict[str, Any]]:
         """Retrieval alone and TF-IDF keyword ranking of the catalog, and their hard-query shares ({} without)."""
         cat = self.catalog()
-        return {} if cat is None else cat.baselines
+        return {} if cat is None else cat.refs.baselines
 
     def _model_scores(self, model: torch.nn.Module) -> PairScorer:
         """The model's expected gain of (query, title) pairs."""
@@ -143,17 +170,6 @@ class Evaluation:
             ds = _pairs(queries, titles, self.tokenizer, self.cfg.train.max_length)
             return expected_gain(T.predict(model, ds, self.tokenizer, self.cfg.train)[0], self._gains)
         return score
-
-    def _hard(self, score: PairScorer) -> dict[str, Any]:
-        """hard_first shares of a pair scorer over the hard queries."""
-        assert self.judged is not None
-        hard = self.judged.hard
-        titles = [h["titles"] for h in hard]
-        flat = score([h["query"] for h, ts in zip(hard, titles, strict=True) for _ in ts],
-                     [t for ts in titles for t in ts])
-        edges = np.cumsum([0] + [len(t) for t in titles])
-        return hard_first_share([(h["kind"], flat[a:b]) for h, a, b in zip(hard, edges[:-1], edges[1:],
-                                                                                strict=True)])
 
     def __call__(self, model: torch.nn.Module, full: bool) -> dict[str, Any]:
         """The model's metrics on the round subset, or (full) on the whole test set with the hard queries."""
@@ -168,10 +184,10 @@ class Evaluation:
             "precision": {k: v["precision"] for k, v in classes.items()},
             "confusion": confusion(y, pred, len(self.labels))}
         cat = self.catalog()
-        if cat is not None:
+        if cat is not None and self.judged is not None:
             out.update(self._rerank(model, cat, list(range(self.num_queries)) if full else self.round_queries))
             if full:
-                out.update(self._hard(self._model_scores(model)))
+                out.update(hard_first(self.judged, self._model_scores(model)))
         return out
 
     def _rerank(self, model: torch.nn.Module, cat: _Catalog, queries: list[int]) -> dict[str, float]:
@@ -194,3 +210,13 @@ def hard_first_share(scored: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
     every = [f for v in firsts.values() for f in v]
     return {"hard_first": float(np.mean(every)) if every else 0.0,
             "hard_first_by_kind": {k: float(np.mean(v)) for k, v in firsts.items()}}
+
+
+def hard_first(judged: synthetic.JudgedSet, score: PairScorer) -> dict[str, Any]:
+    """hard_first shares of a pair scorer over the judged set's hard queries."""
+    titles = [h["titles"] for h in judged.hard]
+    flat = score([h["query"] for h, ts in zip(judged.hard, titles, strict=True) for _ in ts],
+                 [t for ts in titles for t in ts])
+    edges = np.cumsum([0] + [len(t) for t in titles])
+    return hard_first_share([(h["kind"], flat[a:b]) for h, a, b in zip(judged.hard, edges[:-1], edges[1:],
+                                                                        strict=True)])

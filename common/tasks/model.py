@@ -13,10 +13,12 @@ import datasets
 import torch
 import transformers
 from transformers import (
+    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -82,6 +84,25 @@ def with_finetune(model: PreTrainedModel, finetune: FinetuneConfig, seed: int) -
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise FedshopError(f"finetune.target_modules={list(finetune.target_modules)}: {exc}") from exc
+
+
+def build_encoder(cfg: ModelConfig, seed: int) -> PreTrainedModel:
+    """The bare transformer (no pooler, no head) a dual encoder mean-pools: the pretrained weights as they are, or
+    the tiny random BERT initialised from `seed`."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if cfg.name == "tiny":
+        assert cfg.tiny_hidden_size and cfg.tiny_layers and cfg.tiny_heads and cfg.tiny_intermediate_size
+        config = BertConfig(
+            vocab_size=load_tokenizer(cfg).vocab_size, hidden_size=cfg.tiny_hidden_size,
+            num_hidden_layers=cfg.tiny_layers, num_attention_heads=cfg.tiny_heads,
+            intermediate_size=cfg.tiny_intermediate_size, max_position_embeddings=512)
+        return BertModel(config, add_pooling_layer=False)
+    path = resolve_path(cfg)
+    try:
+        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise FedshopError(f"model.path={path}: could not load an encoder: {exc}") from exc
 
 
 def _base_model(cfg: ModelConfig, labels: list[str], seed: int) -> PreTrainedModel:

@@ -17,7 +17,7 @@ from common.run.errors import FedshopError
 if TYPE_CHECKING:
     from common.tasks.base import Task
 
-BUILTIN = ("relevance", "sentiment")
+BUILTIN = ("retrieval", "relevance", "sentiment")
 _TASKS: dict[str, type[Task]] = {}
 
 

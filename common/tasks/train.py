@@ -44,7 +44,8 @@ def configure_threads(cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.num_threads)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on CUDA; nothing on the CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -66,7 +67,7 @@ def _batches(loader: DataLoader, device: torch.device) -> Iterator[dict[str, tor
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+def optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
     """AdamW over the trainable parameters (LoRA: adapters and head only), no decay on biases and norms."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -116,7 +117,7 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
     model.train()
     loader = _loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     steps = max(1, epochs * len(loader))
-    opt, params = _optimizer(model, cfg)
+    opt, params = optimizer(model, cfg)
     if dp is not None:
         opt, loader = dp.attach(model, opt, loader)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
@@ -131,7 +132,7 @@ def train(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedTok
             for batch in bar:
                 if dp is not None:
                     batch = dp.per_example_inputs(model, batch)
-                with _autocast(device):
+                with autocast(device):
                     out = model(**batch)
                 loss = loss_of(out.logits, batch["labels"]) if dp is None else dp.loss(out, batch["labels"])
                 if anchor:
@@ -165,7 +166,7 @@ def predict(model: torch.nn.Module, ds: datasets.Dataset, tokenizer: PreTrainedT
     model.eval()
     probs, total_loss = [], 0.0
     for batch in _batches(_loader(ds, tokenizer, cfg.eval_batch_size, shuffle=False, seed=0), device):
-        with _autocast(device):
+        with autocast(device):
             out = model(**batch)
         logits = out.logits.float()
         total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))

@@ -1,0 +1,95 @@
+"""The dual-encoder task (common/tasks/retrieval.py): its loss, round 0, the saved directory, bad input."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from common.run.config import compose
+from common.run.errors import FedshopError
+from common.tasks import data as D
+from common.tasks.encoder import Encoder
+from common.tasks.registry import get_task
+from common.tasks.retrieval import Group, batch_targets, groups_of, listwise_loss
+
+SMALL = ["task=retrieval", "train.progress=false", "simulation.num_merchants=3", "data.synthetic.num_queries=40",
+         "data.synthetic.test_queries=30", "data.synthetic.hard_queries=10", "eval.round_queries=8"]
+
+
+def _loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The listwise loss of a (queries x products) score matrix: q = the unit rows, p = the scores' columns."""
+    return listwise_loss(torch.eye(scores.shape[0]), scores.T, targets, 0.05)
+
+
+def test_the_loss_prefers_the_judged_order_and_one_step_lowers_it():
+    """Two queries, four products: query 0 judges products 0 (exact) and 1 (substitute), query 1 products 2 (exact)
+    and 3 (complement); the rest of the batch is each query's in-batch negatives."""
+    targets = torch.tensor([[1.0, 0.1, 0.0, 0.0], [0.0, 0.0, 1.0, 0.01]])
+    judged = torch.tensor([[0.9, 0.5, 0.1, 0.0], [0.0, 0.1, 0.9, 0.5]])
+    assert float(_loss(judged, targets)) < float(_loss(judged.flip(1), targets))
+    scores = judged.flip(1).clone().requires_grad_(True)
+    before = _loss(scores, targets)
+    (grad,) = torch.autograd.grad(before, scores)
+    with torch.no_grad():
+        scores -= 0.01 * grad
+    assert float(_loss(scores.detach(), targets)) < float(before.detach())
+
+
+def test_a_batch_shares_products_and_keeps_every_querys_own_gains():
+    a, b = Group([1], [[5], [6]], [1.0, 0.1]), Group([2], [[6], [7]], [0.01, 1.0])
+    products, targets = batch_targets([a, b])
+    assert products == [[5], [6], [7]]
+    np.testing.assert_allclose(targets.numpy(), [[1.0, 0.1, 0.0], [0.0, 0.01, 1.0]], rtol=1e-6)
+
+
+def test_a_query_without_a_positive_product_is_refused_naming_it():
+    ds = datasets.Dataset.from_dict({"query_id": ["q1", "q1", "q2"], "q_ids": [[1], [1], [2]],
+                                     "p_ids": [[3], [4], [5]], "label": [0, 3, 3]})
+    with pytest.raises(FedshopError, match="shard.csv: query 'q2' has no product with a positive gain"):
+        groups_of(ds, [1.0, 0.1, 0.01, 0.0], "shard.csv")
+
+
+def test_record_level_privacy_is_refused_for_now():
+    with pytest.raises(FedshopError, match="privacy=example: record-level DP-SGD is not available"):
+        get_task(compose([*SMALL, "privacy=example"]))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    cfg = compose([*SMALL, "model=minilm"])
+    fd = D.prepare(cfg)
+    wb = get_task(cfg).workbench(fd.labels)
+    return cfg, fd, wb, wb.task.evaluation(wb, fd.test)
+
+
+def test_round_0_is_the_pretrained_bi_encoder(minilm):
+    """Before any training the federated encoder ranks the catalog exactly as retrieval alone does."""
+    _, _, wb, ev = minilm
+    start, alone = ev(wb.model, True), ev.baselines()["retrieval"]
+    for key in ("catalog_ndcg@10", "catalog_mrr", "catalog_recall@10", "hard_first"):
+        assert start[key] == pytest.approx(alone[key], abs=1e-9), key
+
+
+def test_lora_exchanges_only_the_adapters():
+    cfg = compose([*SMALL, "model=tiny", "finetune=lora"])
+    task = get_task(cfg)
+    names = list(task.exchanged(task.build_model(["exact", "substitute", "complement", "irrelevant"], 0)))
+    assert names and all("lora_" in n for n in names), names
+
+
+def test_training_improves_the_judged_ranking_and_the_saved_directory_embeds_the_same(minilm, tmp_path):
+    cfg, fd, wb, ev = minilm
+    task = wb.task
+    before = task.evaluate(wb, task.tokenize(fd.pooled_train, wb))
+    task.train(wb, task.tokenize(fd.pooled_train, wb), 1, 0)
+    after = task.evaluate(wb, task.tokenize(fd.pooled_train, wb))
+    assert after["loss"] < before["loss"], (before, after)
+    task.save(wb, tmp_path / "model")
+    texts = ["grey sofa", "running shoes size 10", "Acme red kettle 1.7 l"]
+    saved = Encoder(tmp_path / "model", cfg.train.max_length).encode(texts)
+    ids = [wb.tokenizer(t, truncation=True, max_length=cfg.train.max_length)["input_ids"] for t in texts]
+    np.testing.assert_allclose(saved, task.embed_all(wb, ids).numpy(), atol=1e-5)
+    assert (tmp_path / "model" / "modules.json").is_file()
+    assert (tmp_path / "model" / "1_Pooling" / "config.json").is_file()
