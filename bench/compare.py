@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--modes", default="federated,centralized,alone")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    base = [f"model={a.model}", f"simulation.num_merchants={a.merchants}", "train.progress=false", *a.overrides]
+    base = ["task=relevance", f"model={a.model}", f"simulation.num_merchants={a.merchants}", "train.progress=false",
+            *a.overrides]
     trained: list[dict[str, Any]] = []
     baselines: dict[str, Any] = {}
     test_examples = 0

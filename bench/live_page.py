@@ -26,7 +26,8 @@ from common.run.env import OFFLINE
 from tests.browser import Browser
 from tests.deploy_helpers import free_port
 
-ARGS = ["model=tiny", "finetune=full", "train.progress=false", "train.lr=1e-3", "train.warmup_ratio=0.0",
+ARGS = ["task=relevance",
+        "model=tiny", "finetune=full", "train.progress=false", "train.lr=1e-3", "train.warmup_ratio=0.0",
         "simulation.num_merchants=4", "strategy.num_rounds=5"]
 
 

@@ -20,7 +20,8 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for k in a.ks:
-        args = ["model=tiny", "partition=iid", f"simulation.num_merchants={k}", "strategy.num_rounds=2",
+        args = ["task=relevance", "model=tiny",
+                "partition=iid", f"simulation.num_merchants={k}", "strategy.num_rounds=2",
                 f"strategy.fraction_train={a.sampled / k}", f"strategy.min_train_nodes={min(a.sampled, k)}",
                 "strategy.fraction_evaluate=0.0", "strategy.min_available_nodes=2", "data.val_fraction=0.0",
                 "data.synthetic.num_merchants=10",

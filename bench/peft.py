@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--secagg", action="store_true")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    base = ["model=minilm", "train.progress=false", f"strategy.num_rounds={a.rounds}",
+    base = ["task=relevance", "model=minilm", "train.progress=false", f"strategy.num_rounds={a.rounds}",
             f"train.local_epochs={a.epochs}", *a.overrides]
     rows = []
     for name in a.only:

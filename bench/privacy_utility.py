@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--name", default="privacy_utility", help="bench/results/<name>.json and .png")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    base = [f"strategy.num_rounds={a.rounds}", f"train.local_epochs={a.epochs}",
+    base = ["task=relevance", f"strategy.num_rounds={a.rounds}", f"train.local_epochs={a.epochs}",
             f"simulation.num_merchants={a.merchants}", "train.progress=false", "live.port=null", *a.overrides]
     only = a.only.split(",")
     majority = majority_accuracy(base)

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     rounds = [f"strategy.num_rounds={a.rounds}"] if a.rounds else []
-    base = [*rounds, f"simulation.num_merchants={a.merchants}", "train.progress=false", *a.overrides]
+    base = ["task=relevance", *rounds, f"simulation.num_merchants={a.merchants}", "train.progress=false", *a.overrides]
     chosen = a.strategies.split(",")
     attack = ["simulation.attackers=[0]", "simulation.attack=sign_flip", f"simulation.attack_scale={a.scale}"]
     rows: list[dict[str, Any]] = []

@@ -72,10 +72,14 @@ class LivePage:
         self.server.server_close()
 
 
+# What the chart draws per round, when the run's evaluation reports it (classifier and dual-encoder metrics).
+METRICS = ("accuracy", "macro_f1", "ndcg@10", "catalog_ndcg@10", "catalog_mrr", "catalog_recall@10", "hard_first")
+
+
 def round_point(record: dict[str, Any]) -> dict[str, Any]:
     """One round of results.json as the page's chart and table need it."""
     server = record.get("server") or {}
-    return {"round": record["round"], **{k: server.get(k) for k in ("loss", "accuracy", "macro_f1", "ndcg@10")},
+    return {"round": record["round"], **{k: server.get(k) for k in ("loss", *METRICS)},
             "bytes_down": record.get("bytes_down_total", 0), "bytes_up": record.get("bytes_up_total", 0),
             "epsilon": (record.get("privacy") or {}).get("epsilon",
                                                         (record.get("record_privacy") or {}).get("epsilon_max")),
@@ -108,7 +112,8 @@ svg text{font-size:11px;fill:#555}
 dropped <span id="ndropped">-</span></h2>
 <table id="dropped"><tr><th>dropped merchant</th><th>reason</th></tr></table>
 <script>
-const COLORS = {"accuracy": "#2b7de9", "macro_f1": "#e9632b", "ndcg@10": "#2ba84a"};
+const COLORS = {"accuracy": "#2b7de9", "macro_f1": "#e9632b", "ndcg@10": "#2ba84a", "catalog_ndcg@10": "#8e44ad",
+                "catalog_mrr": "#c0392b", "catalog_recall@10": "#16a085", "hard_first": "#7f8c8d"};
 const $ = id => document.getElementById(id);
 function fmtTime(s) { if (s == null) return "-"; s = Math.round(s);
   return s >= 60 ? Math.floor(s / 60) + " min " + (s % 60) + " s" : s + " s"; }

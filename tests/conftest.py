@@ -23,7 +23,8 @@ os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE.name
 # Fast settings for the tiny random-init model on the built-in review data (learnable in seconds).
 # Full fine-tuning: the tiny model's base is random, so freezing it (finetune=lora, the default) would leave little to
 # learn; the LoRA tests ask for it explicitly.
-TINY = ["model=tiny", "finetune=full", "train.progress=false", "train.lr=1e-3", "train.warmup_ratio=0.0",
+TINY = ["task=relevance",
+        "model=tiny", "finetune=full", "train.progress=false", "train.lr=1e-3", "train.warmup_ratio=0.0",
         "train.local_epochs=2"]
 TINY_REVIEWS = [*TINY, "task=sentiment", "data.synthetic.num_reviews=1200"]
 
@@ -50,7 +51,7 @@ def tiny_cfg():
     """A composed, validated config for the tiny model on the review data (3 merchants)."""
     from common.run.config import compose
 
-    return compose([*TINY_REVIEWS, "simulation.num_merchants=3"])
+    return compose(["task=relevance", *TINY_REVIEWS, "simulation.num_merchants=3"])
 
 
 def assert_replies_carry_no_data(run_dir: Path, wire_dtype: str = "float32") -> dict[str, int]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.conftest import ROOT
 
-BASE = ["model=tiny", "finetune=full", "train.progress=false", "train.num_threads=1", "train.lr=1e-3",
+BASE = ["task=relevance", "model=tiny", "finetune=full", "train.progress=false", "train.num_threads=1", "train.lr=1e-3",
         "train.warmup_ratio=0.0", "train.local_epochs=1", "task=sentiment", "data.synthetic.num_reviews=600",
         "simulation.num_merchants=3", "strategy.num_rounds=2", "strategy.min_available_nodes=3",
         "strategy.min_train_nodes=3", "strategy.min_evaluate_nodes=3"]

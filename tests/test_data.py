@@ -32,7 +32,8 @@ def rows(n: int = 40) -> list[dict[str, object]]:
 
 
 def csv_cfg(path: Path, *extra: str):
-    return compose(["data=csv", f"data.path={path}", "data.columns.text=search_term", "data.columns.text_pair=title",
+    return compose(["task=relevance",
+                    "data=csv", f"data.path={path}", "data.columns.text=search_term", "data.columns.text_pair=title",
                     "data.columns.label=grade", "data.columns.merchant=shop", "data.columns.query_id=qid",
                     "simulation.num_merchants=2", "data.test_fraction=0.25", *extra])
 
@@ -180,15 +181,15 @@ def test_long_text_truncated_with_warning(tmp_path, caplog):
 
 def test_bad_config_values_are_named():
     with pytest.raises(FedshopError, match=r"config strategy.num_rounds=0: expected > 0"):
-        compose(["strategy.num_rounds=0"])
+        compose(["task=relevance", "strategy.num_rounds=0"])
     with pytest.raises(FedshopError, match=r"config: ValidationError"):
-        compose(["train.lr=fast"])
+        compose(["task=relevance", "train.lr=fast"])
 
 
 def test_partitioning_is_deterministic_and_complete():
     """Every generated row trains (in some merchant's train or val split); the held-out test set is the
     generator's own judged queries, none of them a training query."""
-    cfg = compose(["simulation.num_merchants=5"])
+    cfg = compose(["task=relevance", "simulation.num_merchants=5"])
     a = D._build(cfg)
     b = D._build(cfg)
     assert [t["text_pair"] for t in a.train] == [t["text_pair"] for t in b.train]
@@ -240,7 +241,7 @@ def test_the_judged_test_set_is_large_noise_free_and_judges_every_catalog_produc
 
 @pytest.mark.parametrize("alpha,min_tvd", [(0.1, 0.3)])
 def test_dirichlet_partition_is_label_skewed(alpha, min_tvd):
-    cfg = compose(["partition=dirichlet", f"partition.alpha={alpha}", "simulation.num_merchants=4",
+    cfg = compose(["task=relevance", "partition=dirichlet", f"partition.alpha={alpha}", "simulation.num_merchants=4",
                    "partition.min_partition_size=5"])
     fd = D.prepare(cfg)
     assert len(fd.train) == 4
@@ -254,7 +255,7 @@ def test_dirichlet_partition_is_label_skewed(alpha, min_tvd):
 
 
 def test_iid_partition_has_equal_sizes():
-    fd = D.prepare(compose(["partition=iid", "simulation.num_merchants=4"]))
+    fd = D.prepare(compose(["task=relevance", "partition=iid", "simulation.num_merchants=4"]))
     sizes = [len(t) + len(v) for t, v in zip(fd.train, fd.val, strict=True)]
     assert max(sizes) - min(sizes) <= 1
 
@@ -292,7 +293,7 @@ def test_a_file_shard_lives_in_its_arrow_cache_and_its_tokens_are_reused(tmp_pat
 
     cache = tmp_path / "cache"
     cfg = csv_cfg(write_csv(tmp_path / "shop.csv", big_rows(2000)), f"data.cache_dir={cache}")
-    tokenizer = M.load_tokenizer(compose(["model=tiny"]).model)
+    tokenizer = M.load_tokenizer(compose(["task=relevance", "model=tiny"]).model)
 
     def tokens() -> tuple[int, Path]:
         train, val, _ = D.load_shard(cfg.data.path, cfg, "shop_0")

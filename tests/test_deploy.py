@@ -156,7 +156,7 @@ def test_a_merchant_with_another_base_model_stops_the_run(tmp_path, shards):
     from common.run.config import compose
     from common.tasks import model as M
 
-    cfg = compose([*BASE, *LORA])
+    cfg = compose(["task=relevance", *BASE, *LORA])
     base = tmp_path / "base"
     M.save_final(M.build_model(cfg.model, ["negative", "neutral", "positive"], 0, compose(BASE).finetune),
                  M.load_tokenizer(cfg.model), ["negative", "neutral", "positive"], base)

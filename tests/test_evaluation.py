@@ -12,7 +12,7 @@ from common.tasks import model as M
 from common.tasks.metrics import catalog_ranking
 from common.tasks.registry import get_task
 
-SMALL = ["model=tiny", "finetune=full", "train.progress=false", "simulation.num_merchants=3",
+SMALL = ["task=relevance", "model=tiny", "finetune=full", "train.progress=false", "simulation.num_merchants=3",
          "data.synthetic.num_queries=40", "data.synthetic.test_queries=30", "data.synthetic.hard_queries=10",
          "eval.round_queries=8", "eval.catalog_top_n=10"]
 

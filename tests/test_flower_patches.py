@@ -89,7 +89,8 @@ def test_canary_flowers_adaptive_clipping_still_noises_with_the_next_rounds_norm
     std, before, after = _adaptive_round(flowers)
     assert abs(after / before - 1) > 0.1  # the (noisy) clipped fraction moved C
     assert std == pytest.approx(flowers.noise_multiplier * after / 3, rel=0.02)
-    cfg = compose(["privacy=central_adaptive", f"privacy.clipping_norm={c0}", f"privacy.noise_multiplier={z}",
+    cfg = compose(["task=relevance",
+                   "privacy=central_adaptive", f"privacy.clipping_norm={c0}", f"privacy.noise_multiplier={z}",
                    f"privacy.clip_norm_lr={lr}", f"privacy.clipped_count_stddev={count_std}",
                    "simulation.num_merchants=3"])
     ours = make_private(build_strategy(cfg.strategy), cfg.privacy, cfg.strategy, 3)

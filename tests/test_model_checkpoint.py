@@ -16,7 +16,7 @@ from common.tasks import model as M
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = compose(["model=tiny", "finetune=full"])
+    cfg = compose(["task=relevance", "model=tiny", "finetune=full"])
     return cfg, M.build_model(cfg.model, ["a", "b", "c"], seed=1, finetune=cfg.finetune)
 
 
@@ -57,7 +57,7 @@ def test_set_weights_rejects_wrong_shapes(tiny):
 
 
 def test_same_seed_same_init():
-    cfg = compose(["model=tiny", "finetune=full"])
+    cfg = compose(["task=relevance", "model=tiny", "finetune=full"])
     a = exchange.extract(M.build_model(cfg.model, ["x", "y"], seed=5, finetune=cfg.finetune))
     b = exchange.extract(M.build_model(cfg.model, ["x", "y"], seed=5, finetune=cfg.finetune))
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -86,7 +86,7 @@ def test_checkpoint_refuses_other_config_and_corruption(tmp_path, tiny):
     path = tmp_path / "round_1.pt"
     C.save(path, server_round=1, weights=exchange.extract(model), config_json=to_json(cfg), strategy_state={},
            history=[], base_fingerprint="f")
-    other = compose(["model=tiny", "train.lr=0.5"])
+    other = compose(["task=relevance", "model=tiny", "train.lr=0.5"])
     with pytest.raises(FedshopError, match="written for a different config"):
         C.load(path, to_json(other))
     path.write_bytes(path.read_bytes()[:1000])
@@ -102,7 +102,7 @@ def test_latest_orders_rounds_numerically(tmp_path):
 
 @pytest.fixture(scope="module")
 def lora():
-    cfg = compose(["model=tiny", "finetune=lora", "finetune.dropout=0.0"])
+    cfg = compose(["task=relevance", "model=tiny", "finetune=lora", "finetune.dropout=0.0"])
     model = M.build_model(cfg.model, ["a", "b", "c"], seed=3, finetune=cfg.finetune)
     with torch.no_grad():  # a trained-looking adapter (B starts at zero, which would merge to nothing)
         for p in model.parameters():
@@ -127,7 +127,7 @@ def test_lora_exchanges_only_the_adapters_and_the_head(lora):
     assert exchange.fingerprint(again) == exchange.fingerprint(model)  # adapters differ, the base does not
     other = M.build_model(cfg.model, ["a", "b", "c"], seed=4, finetune=cfg.finetune)
     assert exchange.fingerprint(other) != exchange.fingerprint(model)
-    rank4 = compose(["model=tiny", "finetune=lora", "finetune.rank=4"]).finetune
+    rank4 = compose(["task=relevance", "model=tiny", "finetune=lora", "finetune.rank=4"]).finetune
     assert exchange.fingerprint(M.build_model(cfg.model, ["a", "b", "c"], 3, rank4)) != exchange.fingerprint(model)
 
 
@@ -147,7 +147,7 @@ def test_lora_final_model_is_a_plain_merged_directory_and_a_peft_adapter(lora, t
         plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
         assert not isinstance(plain, PeftModel)
         torch.testing.assert_close(plain(**enc).logits, expected, atol=1e-5, rtol=0)
-        full = compose(["model=tiny", "finetune=full"]).finetune
+        full = compose(["task=relevance", "model=tiny", "finetune=full"]).finetune
         base = M.build_model(cfg.model, ["a", "b", "c"], seed=3, finetune=full)
         adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         torch.testing.assert_close(adapted(**enc).logits, model(**enc).logits, atol=1e-5, rtol=0)
@@ -169,7 +169,7 @@ def test_training_losses():
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
     y = torch.tensor([0, 0, 0, 1])
-    cfg = compose(["train.loss=ce"]).train
+    cfg = compose(["task=relevance", "train.loss=ce"]).train
     ce = torch.nn.functional.cross_entropy(logits, y)
     assert criterion(cfg, [0, 0, 0, 1], 3)(logits, y) == pytest.approx(float(ce))
     cfg.loss = "balanced"
@@ -185,4 +185,4 @@ def test_training_losses():
 
 def test_record_level_dp_refuses_a_loss_from_label_counts():
     with pytest.raises(FedshopError, match="train.loss='balanced'.*per-example clipping does not cover"):
-        compose(["privacy=example", "train.loss=balanced"])
+        compose(["task=relevance", "privacy=example", "train.loss=balanced"])

@@ -181,7 +181,7 @@ def test_lora_with_float16_on_the_wire_sends_only_half_precision_adapters(tracke
     assert {str(v.dtype) for v in exchanged.values()} == {"float32"}
     assert all(".lora_" in k or ".modules_to_save." in k for k in exchanged)
     size = 2 * sum(v.size for v in exchanged.values())  # float16 bytes of the exchanged arrays
-    cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=3"])
+    cfg = compose(["task=relevance", *TINY_REVIEWS, "simulation.num_merchants=3"])
     full = 4 * sum(p.numel() for p in M.build_model(cfg.model, results["labels"], cfg.seed, cfg.finetune).parameters())
     for r in results["rounds"][1:]:
         assert all(size <= x["bytes_up"] <= size + 2000 and size <= x["bytes_down"] <= size + 2000

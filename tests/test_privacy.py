@@ -60,7 +60,7 @@ def test_every_clipped_update_has_norm_at_most_c(shapes, data, clip):
 
 
 def private_strategy(preset: str, population: int, **overrides):
-    cfg = compose([f"privacy={preset}", f"simulation.num_merchants={population}",
+    cfg = compose(["task=relevance", f"privacy={preset}", f"simulation.num_merchants={population}",
                    *[f"privacy.{k}={v}" for k, v in overrides.items()]])
     inner = build_strategy(cfg.strategy)
     return make_private(inner, cfg.privacy, cfg.strategy, population), cfg
@@ -143,7 +143,7 @@ def exact_gaussian_epsilon(z: float, delta: float) -> float:
 def test_ledger_epsilon_bounds_the_exact_gaussian_composition(z, rounds):
     """Without sampling, `rounds` releases with noise multiplier z are exactly one release with z/sqrt(rounds):
     the RDP figure is an upper bound on that exact epsilon, and a close one."""
-    cfg = compose(["privacy=central", f"privacy.noise_multiplier={z}"]).privacy
+    cfg = compose(["task=relevance", "privacy=central", f"privacy.noise_multiplier={z}"]).privacy
     ledger = Ledger(cfg, population=10, sample_size=10)
     for _ in range(rounds):
         ledger.compose()
@@ -156,7 +156,7 @@ def test_sampling_is_accounted_without_replacement_under_replace_one():
     (Wang et al. 2019, in dp-accounting) is for replace-one neighbours, where the clipped sum moves by 2C."""
     import dp_accounting
 
-    cfg = compose(["privacy=central", "privacy.noise_multiplier=1.0"]).privacy
+    cfg = compose(["task=relevance", "privacy=central", "privacy.noise_multiplier=1.0"]).privacy
     three, two = Ledger(cfg, population=10, sample_size=3), Ledger(cfg, population=10, sample_size=2)
     for _ in range(5):
         three.compose()
@@ -170,7 +170,7 @@ def test_sampling_is_accounted_without_replacement_under_replace_one():
 
 
 def test_local_preset_accounts_each_merchant_release():
-    cfg = compose(["privacy=local", "privacy.local_epsilon=2.0", "privacy.local_delta=1e-5"]).privacy
+    cfg = compose(["task=relevance", "privacy=local", "privacy.local_epsilon=2.0", "privacy.local_delta=1e-5"]).privacy
     ledger = Ledger(cfg, population=4, sample_size=4)
     ledger.compose()
     # One Gaussian release calibrated by the classic bound (LocalDpMod) is at least (2, 1e-5)-DP.
@@ -181,7 +181,7 @@ def test_local_preset_accounts_each_merchant_release():
 def test_budget_stop_fires_before_the_round_that_would_exceed_it(tmp_path):
     z = 2.0
     per_round = []
-    cfg = compose(["privacy=central", f"privacy.noise_multiplier={z}"]).privacy
+    cfg = compose(["task=relevance", "privacy=central", f"privacy.noise_multiplier={z}"]).privacy
     ledger = Ledger(cfg, population=3, sample_size=3)
     for _ in range(3):
         ledger.compose()

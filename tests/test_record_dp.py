@@ -39,7 +39,7 @@ IID = [*LORA_REVIEWS, "partition=iid"]  # merchants of one size: one target sits
 @cache
 def tiny(finetune: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, FedshopConfig]:
     """The tiny model (LoRA or full) and its tokenizer, and the config they come from."""
-    cfg = compose([*TINY, f"finetune={finetune}", "train.progress=false"])
+    cfg = compose(["task=relevance", *TINY, f"finetune={finetune}", "train.progress=false"])
     return M.build_model(cfg.model, ["a", "b", "c"], 0, cfg.finetune), M.load_tokenizer(cfg.model), cfg
 
 
@@ -135,7 +135,7 @@ def test_opacus_accountant_reproduces_the_published_mnist_figure():
 
 
 def test_the_derived_noise_spends_exactly_the_budget_over_the_planned_rounds():
-    p = compose(["privacy=example", "privacy.target_epsilon=4"]).privacy
+    p = compose(["task=relevance", "privacy=example", "privacy.target_epsilon=4"]).privacy
     history: list[dp.Step] = []
     spent = []
     for rnd in range(1, 4):
@@ -145,7 +145,8 @@ def test_the_derived_noise_spends_exactly_the_budget_over_the_planned_rounds():
         spent.append(dp.epsilon(history, p.delta))
     assert spent[0] < spent[1] < spent[2] == pytest.approx(4.0, abs=0.02)
     z = history[0][0]
-    fixed = compose(["privacy=example", f"privacy.noise_multiplier={z}", "privacy.target_epsilon=4"]).privacy
+    fixed = compose(["task=relevance",
+                     "privacy=example", f"privacy.noise_multiplier={z}", "privacy.target_epsilon=4"]).privacy
     assert dp.plan_round(fixed, 16, 2, 700, history, rounds_left=1).epsilon_after > 4.0  # one more: over budget
     assert dp.plan_round(fixed, 16, 2, 700, [], rounds_left=3).noise_multiplier == z
 
@@ -168,7 +169,7 @@ def test_a_decline_is_recorded_with_what_the_merchant_spent(task_identity):
     declined = Message(content=wire.Declined(2, "merchant_02: over budget", 3.5).to_content(), reply_to=ask)
     declined.metadata.__dict__["_src_node_id"] = 7
     assert wire.Declined.from_content(declined.content) == wire.Declined(2, "merchant_02: over budget", 3.5)
-    chain = aggregator(build_strategy(compose([*TINY]).strategy), {"w": ((2,), "float32")})
+    chain = aggregator(build_strategy(compose(["task=relevance", *TINY]).strategy), {"w": ((2,), "float32")})
     result = chain.aggregate_train(sent([7], {"w": np.zeros(2, np.float32)}), [declined])
     assert result.arrays is None and result.report.too_few_replies and not result.report.replied
     (drop,) = result.report.dropped
@@ -191,13 +192,13 @@ def test_a_decline_is_recorded_with_what_the_merchant_spent(task_identity):
 ])
 def test_combinations_that_cannot_work_are_refused_with_the_reason(overrides, field):
     with pytest.raises(FedshopError, match=field.replace(".", r"\.")):
-        compose(["privacy=example", *overrides])
+        compose(["task=relevance", "privacy=example", *overrides])
 
 
 @pytest.mark.parametrize("overrides", [["secagg=plus", "simulation.num_merchants=3"], ["strategy=fedmedian"],
                                        ["strategy=fedadam"], ["finetune=full"], ["strategy.wire_dtype=float16"]])
 def test_what_privacy_example_combines_with(overrides):
-    cfg = compose(["privacy=example", *overrides])
+    cfg = compose(["task=relevance", "privacy=example", *overrides])
     assert cfg.privacy.record_level and not cfg.privacy.merchant_level
 
 
@@ -206,8 +207,8 @@ def test_a_merchant_past_its_budget_declines_and_the_run_stops_when_all_have(tmp
     round 1, declines round 2 (the round goes on without it), and the run stops before round 3. LoRA: the
     per-sample gradients come from Opacus's hooks (tests/test_deploy.py runs full fine-tuning, ghost clipping)."""
     z = 2.0
-    sizes = [len(t) for t in D.prepare(compose([*IID, "simulation.num_merchants=3"])).train]
-    cfg = compose([*IID, "simulation.num_merchants=3", "privacy=example"]).train
+    sizes = [len(t) for t in D.prepare(compose(["task=relevance", *IID, "simulation.num_merchants=3"])).train]
+    cfg = compose(["task=relevance", *IID, "simulation.num_merchants=3", "privacy=example"]).train
     after = [[dp.epsilon([(z, dp.sample_rate(n, cfg.batch_size),
                            k * dp.steps_per_round(n, cfg.batch_size, cfg.local_epochs))], 1e-5) for k in (1, 2)]
              for n in sizes]

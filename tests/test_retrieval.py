@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from common.tasks import data as D
 from common.tasks.encoder import Encoder
 from common.tasks.registry import get_task
 from common.tasks.retrieval import Group, batch_targets, groups_of, listwise_loss
+from tests.conftest import run_cli
 
 SMALL = ["task=retrieval", "train.progress=false", "simulation.num_merchants=3", "data.synthetic.num_queries=40",
          "data.synthetic.test_queries=30", "data.synthetic.hard_queries=10", "eval.round_queries=8"]
@@ -93,3 +96,24 @@ def test_training_improves_the_judged_ranking_and_the_saved_directory_embeds_the
     np.testing.assert_allclose(saved, task.embed_all(wb, ids).numpy(), atol=1e-5)
     assert (tmp_path / "model" / "modules.json").is_file()
     assert (tmp_path / "model" / "1_Pooling" / "config.json").is_file()
+
+
+def test_a_federated_dual_encoder_simulation_scores_the_catalog_every_round(tmp_path):
+    """Two rounds of three tiny-model merchants through Flower: every round retrieves from the whole catalog, the
+    console line shows it, and the run ends with a sentence-embedding directory."""
+    args = ["task=retrieval", "model=tiny", "train.progress=false", "train.lr=1e-3", *SMALL[2:],
+            "strategy.num_rounds=2"]
+    proc = run_cli("simulation", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = tmp_path.glob("outputs/*/*/results.json")
+    doc = json.loads(results.read_text())
+    assert doc["status"] == "completed" and [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+    for r in doc["rounds"]:
+        assert {"catalog_ndcg@10", "catalog_mrr", "catalog_recall@10", "hard_first", "ndcg@10"} <= set(r["server"])
+    assert set(doc["baselines"]) == {"retrieval", "keyword"}
+    assert doc["rounds"][1]["train"]["train-loss"] > 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "| catalog nDCG@10 " in line]
+    assert len(lines) == 3 and all("| MRR " in line and "| recall@10 " in line for line in lines), lines
+    model = results.parent / "model"
+    assert (model / "modules.json").is_file()
+    assert json.loads((model / "fedshop_labels.json").read_text())["task"] == "retrieval"

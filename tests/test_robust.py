@@ -18,7 +18,7 @@ ROBUST = ["fedmedian", "fedtrimmedavg", "krum", "multikrum"]
 
 
 def recording(name: str, reference: dict[str, np.ndarray], **extra: str) -> tuple[Aggregator, dict]:
-    cfg = compose([f"strategy={name}", *[f"strategy.{k}={v}" for k, v in extra.items()]]).strategy
+    cfg = compose(["task=relevance", f"strategy={name}", *[f"strategy.{k}={v}" for k, v in extra.items()]]).strategy
     return aggregator(build_strategy(cfg), wire.spec(reference), private=False,
                       max_update_norm=cfg.max_update_norm), reference
 
@@ -74,7 +74,8 @@ def round_updates():
     from common.tasks import train as T
 
     # cross-entropy: the attack's loss bound below was measured with it (the class-balanced default shifts it)
-    cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=5", "train.num_threads=1", "train.loss=ce"])
+    cfg = compose(["task=relevance",
+                   *TINY_REVIEWS, "simulation.num_merchants=5", "train.num_threads=1", "train.loss=ce"])
     fd = D.prepare(cfg)
     tokenizer = M.load_tokenizer(cfg.model)
     model = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
@@ -116,7 +117,7 @@ def test_every_strategy_aggregates_only_the_lora_state(name):
     that also carries a frozen base weight is rejected."""
     from common.tasks import model as M
 
-    cfg = compose(["model=tiny", "finetune=lora"])
+    cfg = compose(["task=relevance", "model=tiny", "finetune=lora"])
     lora = exchange.extract(M.build_model(cfg.model, ["a", "b", "c"], 0, cfg.finetune))
     rng = np.random.default_rng(1)
     updates = [{k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in lora.items()}

@@ -114,7 +114,8 @@ class LocalGrid(Grid):
 
 
 def config(*more: str) -> FedshopConfig:
-    return compose([*TINY_REVIEWS, "train.local_epochs=1", f"simulation.num_merchants={K}", "secagg=plus",
+    return compose(["task=relevance",
+                    *TINY_REVIEWS, "train.local_epochs=1", f"simulation.num_merchants={K}", "secagg=plus",
                     "strategy.round_timeout=1", *more])
 
 

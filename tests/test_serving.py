@@ -19,7 +19,8 @@ from serving.catalog import Product, load_catalog
 from serving.rules import Ranked, Rules, rerank
 from tests.conftest import ROOT, run_cli
 
-CATALOG_ARGS = ["data.synthetic.num_queries=40", "data.synthetic.test_queries=40", "data.synthetic.hard_queries=10",
+CATALOG_ARGS = ["task=relevance",
+                "data.synthetic.num_queries=40", "data.synthetic.test_queries=40", "data.synthetic.hard_queries=10",
                 "simulation.num_merchants=3"]
 
 
@@ -108,7 +109,7 @@ def make_model(out: Path, seed: int) -> Path:
     from common.run.config import compose
     from common.tasks import model as M
 
-    cfg = compose(["model=tiny", "finetune=full"])
+    cfg = compose(["task=relevance", "model=tiny", "finetune=full"])
     M.save_final(M.build_model(cfg.model, ["exact", "substitute", "complement", "irrelevant"], seed, cfg.finetune),
                  M.load_tokenizer(cfg.model), ["exact", "substitute", "complement", "irrelevant"], out)
     return out
@@ -307,7 +308,8 @@ def teacher(assets):
     from common.tasks import model as M
     from common.tasks import train as T
 
-    cfg = compose(["model=tiny", "finetune=full", *CATALOG_ARGS, "train.progress=false", "train.lr=1e-3",
+    cfg = compose(["task=relevance",
+                   "model=tiny", "finetune=full", *CATALOG_ARGS, "train.progress=false", "train.lr=1e-3",
                    "train.num_threads=1"])
     fd = D.prepare(cfg)
     tokenizer = M.load_tokenizer(cfg.model)
@@ -378,7 +380,7 @@ def test_layer_dropped_student_distils_loads_and_serves(server, assets, teacher)
     student = keep_layers(teacher, [1], assets[0] / "student")
     assert Ranker(student).model.config.num_hidden_layers == 1
     pairs = [("red shoes", p.title) for p in load_catalog(assets[3]).products[:64]]
-    stats = distill(Ranker(teacher), student, pairs, compose([]).serving.compress, 0)
+    stats = distill(Ranker(teacher), student, pairs, compose(["task=relevance"]).serving.compress, 0)
     assert stats["distill_pairs"] == 64 and stats["distill_kl"] >= 0.0
     swap = httpx.post(f"{server.url}/admin/model", json={"model_dir": str(student), "form": "int8"}, timeout=120)
     assert swap.status_code == 200, swap.text
@@ -515,7 +517,7 @@ def test_pair_encoder_matches_the_tokenizer_and_falls_back_when_truncating(asset
     from common.tasks import model as M
     from serving.ranker import PairEncoder
 
-    tokenizer = M.load_tokenizer(compose([]).model)  # MiniLM's BERT tokenizer
+    tokenizer = M.load_tokenizer(compose(["task=relevance"]).model)  # MiniLM's BERT tokenizer
     encoder = PairEncoder(tokenizer, 64)
     assert encoder.fast
     titles = [p.title for p in load_catalog(assets[3]).products[:200]]

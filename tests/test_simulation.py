@@ -38,7 +38,7 @@ def test_federated_simulation_learns_and_writes_run_directory(fed_run):
     from common.run.config import compose
     from common.tasks import data as D
 
-    fd = D.prepare(compose([*TINY_REVIEWS, "simulation.num_merchants=3"]))
+    fd = D.prepare(compose(["task=relevance", *TINY_REVIEWS, "simulation.num_merchants=3"]))
     majority = np.bincount(fd.test["label"]).max() / len(fd.test)
     assert results["final"]["accuracy"] > majority + 0.05, (results["final"], majority)
     for r in rounds[1:]:
@@ -138,7 +138,7 @@ def test_final_model_reloads_and_predicts_like_the_global_model(fed_run):
     from common.tasks import train as T
 
     run_dir, _ = fed_run
-    cfg = compose([*TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2"])
+    cfg = compose(["task=relevance", *TINY_REVIEWS, "simulation.num_merchants=3", "strategy.num_rounds=2"])
     fd = D.prepare(cfg)
     in_memory = M.build_model(cfg.model, fd.labels, cfg.seed, cfg.finetune)
     exchange.load(in_memory, C.load(run_dir / "checkpoints" / "round_2.pt")["weights"])

@@ -47,7 +47,7 @@ def aggregator(strategy: Any, spec: wire.Spec, private: bool = False, min_replie
 def make_aggregator(name: str = "fedavg", reference: dict[str, np.ndarray] | None = None,
                     **kwargs: Any) -> tuple[Aggregator, dict[str, np.ndarray]]:
     reference = reference or {"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
-    strategy = build_strategy(compose([f"strategy={name}"]).strategy)
+    strategy = build_strategy(compose(["task=relevance", f"strategy={name}"]).strategy)
     return aggregator(strategy, wire.spec(reference), **kwargs), reference
 
 
@@ -133,7 +133,7 @@ def test_every_strategy_preset_is_flowers_with_the_yaml_values(name):
     from flwr.serverapp import strategy as flower
 
     values = _yaml_values(name)
-    built = build_strategy(compose([f"strategy={name}"]).strategy)
+    built = build_strategy(compose(["task=relevance", f"strategy={name}"]).strategy)
     classes = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flower.FedAdam,
                "fedyogi": flower.FedYogi, "fedadagrad": flower.FedAdagrad, "fedavgm": flower.FedAvgM,
                "fedmedian": flower.FedMedian, "fedtrimmedavg": flower.FedTrimmedAvg, "krum": flower.Krum,
@@ -150,7 +150,7 @@ def test_a_strategy_without_its_yaml_value_is_refused():
     from common.run.errors import FedshopError
 
     with pytest.raises(FedshopError, match="config strategy.eta=None"):
-        compose(["strategy=fedadam", "strategy.eta=null"])
+        compose(["task=relevance", "strategy=fedadam", "strategy.eta=null"])
 
 
 def test_evaluation_carried_by_train_replies_is_split_off_and_weighted_by_validation_size():

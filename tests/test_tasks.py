@@ -32,12 +32,12 @@ def test_built_in_tasks_are_found_by_name_and_a_users_by_import_path():
 ])
 def test_an_unknown_task_is_refused_naming_the_field(name, message):
     with pytest.raises(FedshopError, match=message):
-        registry.get_task(compose([f"data.task={name}"]))
+        registry.get_task(compose(["task=relevance", f"data.task={name}"]))
 
 
 def test_a_pair_task_without_a_second_text_column_is_refused():
     with pytest.raises(FedshopError, match="data.columns.text_pair: a column name is needed for data.task=relevance"):
-        registry.get_task(compose(["data.columns.text_pair=null"]))
+        registry.get_task(compose(["task=relevance", "data.columns.text_pair=null"]))
 
 
 def test_two_tasks_under_one_name_are_refused():

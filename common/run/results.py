@@ -101,7 +101,8 @@ def summary_line(record: dict[str, Any]) -> str:
     if "loss" in s:
         parts.append(f"loss {s['loss']:.4f}")
     for key, name in (("accuracy", "acc"), ("macro_f1", "macro-F1"), ("ndcg@10", "nDCG@10"),
-                      ("catalog_ndcg@10", "catalog nDCG@10")):
+                      ("catalog_ndcg@10", "catalog nDCG@10"), ("catalog_mrr", "MRR"),
+                      ("catalog_recall@10", "recall@10"), ("hard_first", "hard_first")):
         if key in s:
             parts.append(f"{name} {s[key]:.3f}")
     if record.get("train") and keys.TRAIN_LOSS in record["train"]:
@@ -125,7 +126,7 @@ def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [r["round"] for r in rounds]
-    for key in ("accuracy", "macro_f1", "ndcg@10", "catalog_ndcg@10"):
+    for key in ("accuracy", "macro_f1", "ndcg@10", "catalog_ndcg@10", "catalog_recall@10", "hard_first"):
         ys = [(r.get("server") or {}).get(key) for r in rounds]
         if any(y is not None for y in ys):
             ax1.plot(xs, ys, marker="o", label=key)

@@ -17,11 +17,23 @@ from common.tasks.registry import register_task
 
 
 def esci_gains(labels: list[str], gains: dict[str, float]) -> list[float]:
-    """Each label's ranking gain from data.gains (conf/data/gains/esci.yaml), refusing a label without one."""
-    missing = [name for name in labels if name not in gains]
+    """Each label's ranking gain: data.gains (conf/data/gains/esci.yaml) for a named grade, the number itself for a
+    numeric one ("0.5"); a label that is neither is refused."""
+    def gain(name: str) -> float | None:
+        if name in gains:
+            return float(gains[name])
+        try:
+            value = float(name)
+        except ValueError:
+            return None
+        return value if 0.0 <= value < float("inf") else None
+
+    found = {name: gain(name) for name in labels}
+    missing = [name for name, g in found.items() if g is None]
     if missing:
-        raise FedshopError(f"data.gains has no gain for label(s) {missing}; labels are {labels}")
-    return [float(gains[name]) for name in labels]
+        raise FedshopError(f"data.gains has no gain for label(s) {missing} (nor are they numbers >= 0); labels are "
+                           f"{labels}")
+    return [float(g) for g in found.values() if g is not None]
 
 
 @register_task("relevance")

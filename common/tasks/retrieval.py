@@ -178,7 +178,8 @@ class RetrievalTask(Task):
         device = T.pick_device(tc.device)
         model.to(device)
         model.train()
-        groups = groups_of(ds, wb.gains or [], "merchant training split")
+        power = self.cfg.retrieval.gain_power  # the loss's target: gain ** power (1: the ESCI gains as they are)
+        groups = groups_of(ds, [g ** power for g in wb.gains or []], "merchant training split")
         per_epoch = math.ceil(len(groups) / tc.batch_size)
         opt, params = T.optimizer(model, tc)
         sched = get_linear_schedule_with_warmup(opt, math.ceil(tc.warmup_ratio * epochs * per_epoch),
@@ -299,7 +300,7 @@ class RetrievalEvaluation:
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, full: bool) -> dict[str, Any]:
-        """The model's metrics on the round subset of queries, or (full) on all of them with the hard queries."""
+        """The model's metrics on the round subset of queries, or (full) on all of them; the hard queries always."""
         model.eval()
         chosen = list(range(len(self.groups))) if full else self.round_queries
         pairs = self.task.evaluate(replace(self.wb, model=model), self.pairs if full else self.round_pairs)
@@ -309,7 +310,6 @@ class RetrievalEvaluation:
             queries = [self.judged.queries[i] for i in chosen]
             sims = self._encode(model, queries) @ self._encode(model, refs.titles).T
             out.update(catalog_ranking(top_k(sims, 10), refs.gains[chosen], refs.exact[chosen]))
-            if full:
-                out.update(hard_first(self.judged, lambda q, t: (self._encode(model, q) * self._encode(model, t)
-                                                                 ).sum(axis=1)))
+            out.update(hard_first(self.judged, lambda q, t: (self._encode(model, q) * self._encode(model, t)
+                                                             ).sum(axis=1)))
         return out
