@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from common.run.config import compose
 from common.run.errors import FedshopError
 from common.tasks.model import LABELS_FILE
+from common.tasks.registry import task_class
 
 log = logging.getLogger(__name__)
 FORMS = ("fp32", "int8", "onnx", "onnx-int8")
@@ -42,6 +43,11 @@ def read_labels(model_dir: Path, gains: dict[str, float] | None,
     path = model_dir / LABELS_FILE
     if path.is_file():
         doc = json.loads(path.read_text())
+        task = str(doc.get("task", "relevance"))
+        role = task_class(task).serves_as or "no ranker"
+        if role != "reranker":
+            raise FedshopError(f"serving.model_dir={model_dir}: a data.task={task} model ({role}), not a "
+                               f"cross-encoder; a dual encoder serves as serving.retriever=<dir>")
         labels = [str(x) for x in doc["labels"]]
         saved = doc.get("gains") or {}
     else:

@@ -117,3 +117,15 @@ def test_a_federated_dual_encoder_simulation_scores_the_catalog_every_round(tmp_
     model = results.parent / "model"
     assert (model / "modules.json").is_file()
     assert json.loads((model / "fedshop_labels.json").read_text())["task"] == "retrieval"
+
+
+def test_the_service_refuses_a_dual_encoder_as_its_cross_encoder(minilm, tmp_path):
+    """serving.model_dir must be a cross-encoder: a dual-encoder directory is refused with where it belongs."""
+    from serving.ranker import Ranker
+
+    _, _, wb, _ = minilm
+    wb.task.save(wb, tmp_path / "model")
+    with pytest.raises(FedshopError, match="a data.task=retrieval model \\(retriever\\), not a cross-encoder; a dual "
+                                           "encoder serves as serving.retriever=<dir>"):
+        Ranker(tmp_path / "model")
+    assert Encoder(tmp_path / "model").encode(["grey sofa"]).shape == (1, 384)

@@ -74,6 +74,7 @@ class Task:
     name: ClassVar[str] = ""
     pair: ClassVar[bool] = False  # examples carry a second text (data.columns.text_pair)
     group_by_text: ClassVar[bool] = False  # no query_id column: an example's group is its text (a query)
+    serves_as: ClassVar[str] = ""  # what the ranking service uses its model as: reranker | retriever | "" (none)
 
     def __init__(self, cfg: FedshopConfig) -> None:
         self.cfg = cfg

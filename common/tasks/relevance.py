@@ -42,6 +42,7 @@ class RelevanceTask(Task):
 
     pair = True
     group_by_text = True
+    serves_as = "reranker"
 
     def generate(self, seed: int) -> list[dict[str, object]]:
         """The built-in marketplace's training queries and their judged products."""

@@ -110,6 +110,7 @@ class RetrievalTask(Task):
 
     pair = True
     group_by_text = True
+    serves_as = "retriever"
 
     def check(self) -> None:
         """Pairs are needed; record-level DP-SGD is not built for this task yet."""
