@@ -16,7 +16,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT))
+# The scripts' own folder leaves the import path once this module is in: bench/peft.py would otherwise stand in for
+# the peft package that transformers imports.
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench")]
 
 from common.run.env import OFFLINE  # noqa: E402
 
