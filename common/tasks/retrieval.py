@@ -28,15 +28,14 @@ from common.run import keys
 from common.run.errors import FedshopError
 from common.tasks import data as D
 from common.tasks import model as M
-from common.tasks import synthetic
 from common.tasks import train as T
-from common.tasks.base import HeldOut, PairScorer, Task, Workbench
+from common.tasks.base import HeldOut, PairScorer, Workbench
 from common.tasks.dp import RecordDP
 from common.tasks.encoder import Encoder, encode_texts, mean_pooled
 from common.tasks.evaluation import References, hard_first, references, top_k
 from common.tasks.metrics import catalog_ranking, ndcg_at_k
 from common.tasks.registry import register_task
-from common.tasks.relevance import esci_gains
+from common.tasks.relevance import RelevanceTask
 
 
 @dataclass
@@ -105,11 +104,10 @@ def batch_targets(batch: list[Group]) -> tuple[list[list[int]], torch.Tensor]:
 
 
 @register_task("retrieval")
-class RetrievalTask(Task):
-    """Dual encoder over (query, product text) pairs graded by ESCI gains."""
+class RetrievalTask(RelevanceTask):
+    """Dual encoder over (query, product text) pairs graded by ESCI gains: the relevance task's data, built-in
+    marketplace, judged test set and gains; its own model, loss, evaluation and scorer."""
 
-    pair = True
-    group_by_text = True
     serves_as = "retriever"
 
     def check(self) -> None:
@@ -118,23 +116,6 @@ class RetrievalTask(Task):
         if self.cfg.privacy.record_level:
             raise FedshopError("privacy=example: record-level DP-SGD is not available for data.task=retrieval yet; "
                                "use a merchant-level preset (privacy=central|client|local) or task=relevance")
-
-    def generate(self, seed: int) -> list[dict[str, object]]:
-        """The built-in marketplace's training queries and their judged products."""
-        s = self.cfg.data.synthetic
-        return synthetic.generate_relevance(s.num_merchants, s.num_queries, seed, s.concentration, s.label_noise)
-
-    def judged(self) -> synthetic.JudgedSet | None:
-        """The built-in marketplace's judged test set (none for a data file or a fixed test file)."""
-        d = self.cfg.data
-        if d.source != "synthetic" or d.test_path:
-            return None
-        return synthetic.generate_judged(d.synthetic.num_merchants, d.synthetic.test_queries, self.cfg.seed,
-                                         d.synthetic.concentration, d.synthetic.hard_queries)
-
-    def label_gains(self, labels: list[str]) -> list[float] | None:
-        """data.gains of each label."""
-        return esci_gains(labels, dict(self.cfg.data.gains))
 
     def build_model(self, labels: list[str], seed: int) -> torch.nn.Module:
         """The bi-encoder as pretrained (LoRA: its adapters on top, nothing else trains)."""
