@@ -62,7 +62,7 @@ def _bridge(msg: Message, context: Context, call_next: ClientAppCallable, cfg: F
 def _pack(reply: Message) -> Message:
     """Masked vectors as uint32 rather than Flower's int64: half the upload, and the server's sums stay exact.
 
-    Every masked value lies in [0, secagg.modulus_range), a power of 2 up to 2^32 (common/run/config.py); the
+    Every masked value lies in [0, secagg.modulus_range), a power of 2 up to 2^32 (common/run/config/); the
     server adds them with numpy, where uint32 wraps modulo 2^32, a multiple of the modulus, before it
     reduces them modulo the modulus.
     """

@@ -49,7 +49,7 @@ def local_noise_multiplier(epsilon: float, delta: float) -> float:
 
 
 def _noise(cfg: PrivacyConfig) -> float:
-    """The merchant-level presets' noise multiplier (common/run/config.py refuses them a null one)."""
+    """The merchant-level presets' noise multiplier (common/run/config/ refuses them a null one)."""
     assert cfg.noise_multiplier is not None
     return cfg.noise_multiplier
 

@@ -9,7 +9,7 @@ The workflow asks a legacy Strategy for FitIns (`configure_fit`) and hands it th
   to the Aggregator as every survivor's reply, so the chain (validation, the DP noise calibrated to the m
   survivors and the accountant, FedAvg/FedProx/FedAdam, metrics) runs unchanged on the one thing the
   server may see: the aggregate. Robust strategies and server-side clipping need individual updates and
-  are refused with secagg=plus (common/run/config.py).
+  are refused with secagg=plus (common/run/config/).
 The workflow itself is Flower's, with the early-dropout fix of server/flower_patches.py.
 """
 

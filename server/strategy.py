@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def _set(value: float | int | None) -> Any:
-    """A field of the chosen strategy: common/run/config.py's validate() has refused the config if it is null."""
+    """A field of the chosen strategy: common.run.config.validate() has refused the config if it is null."""
     assert value is not None
     return value
 
@@ -56,7 +56,7 @@ def _view(content: RecordDict, reply: Message) -> Message:
 def build_strategy(cfg: StrategyConfig) -> FedAvg:
     """Flower's strategy for strategy.name, weighted by each merchant's number of training examples.
 
-    Every value comes from conf/strategy/ (common/run/config.py has checked that the chosen strategy's are set).
+    Every value comes from conf/strategy/ (common/run/config/ has checked that the chosen strategy's are set).
     """
     common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,

@@ -339,7 +339,7 @@ def partition(pool: datasets.Dataset, cfg: FedshopConfig, source: str) -> tuple[
         return natural, names
     num = p.num_partitions or k
     if p.name == "dirichlet":
-        assert p.alpha is not None and p.min_partition_size is not None  # common/run/config.py checked both
+        assert p.alpha is not None and p.min_partition_size is not None  # common/run/config/data.py checked both
         partitioner = DirichletPartitioner(num_partitions=num, partition_by="label", alpha=p.alpha,
                                            min_partition_size=p.min_partition_size, seed=cfg.seed)
     else:

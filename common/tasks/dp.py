@@ -100,7 +100,7 @@ def plan_round(cfg: PrivacyConfig, batch_size: int, epochs: int, num_examples: i
     rate, steps = sample_rate(num_examples, batch_size), steps_per_round(num_examples, batch_size, epochs)
     z = cfg.noise_multiplier
     if z is None:
-        assert cfg.target_epsilon is not None  # common/run/config.py refuses a null noise without a target
+        assert cfg.target_epsilon is not None  # common/run/config/ refuses a null noise without a target
         z = noise_for(cfg.target_epsilon, cfg.delta, rate, steps * max(rounds_left, 1), history)
     after = math.inf if math.isinf(z) or z == 0 else epsilon([*history, (z, rate, steps)], cfg.delta)
     return RoundPlan(z, rate, steps, epsilon(history, cfg.delta), after)
