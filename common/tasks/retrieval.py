@@ -145,7 +145,7 @@ class RetrievalTask(RelevanceTask):
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": st + "Normalize"}], indent=2))
         (out_dir / "1_Pooling").mkdir(exist_ok=True)
         (out_dir / "2_Normalize").mkdir(exist_ok=True)
-        dim = int(M.merged(wb.model).config.hidden_size)
+        dim = int(json.loads((out_dir / "config.json").read_text())["hidden_size"])  # as saved, merged once
         (out_dir / "1_Pooling" / "config.json").write_text(json.dumps(
             {"word_embedding_dimension": dim, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False,
              "pooling_mode_max_tokens": False}, indent=2))
@@ -193,7 +193,7 @@ class RetrievalTask(RelevanceTask):
         products, targets = batch_targets(batch)
         with T.autocast(device):
             vecs = embed(model, [g.query for g in batch] + products, pad, device)
-        return listwise_loss(vecs[:len(batch)], vecs[len(batch):], targets.to(device), self.cfg.retrieval.temperature)
+        return listwise_loss(vecs[:len(batch)], vecs[len(batch):], targets.to(device), self.temperature)
 
     @property
     def temperature(self) -> float:
