@@ -24,7 +24,8 @@ from common.run.env import OFFLINE  # noqa: E402
 
 
 def run_simulation(args: list[str], workdir: Path | None = None, sample_rss: bool = False) -> dict[str, Any]:
-    """Run `python -m simulation args` in a fresh directory; returns results.json, wall seconds, peak RSS."""
+    """Run `python -m simulation args` in a fresh directory; returns results.json, wall seconds, peak RSS and the
+    run directory."""
     cwd = workdir or Path(tempfile.mkdtemp(prefix="fedshop-bench-"))
     env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
@@ -51,8 +52,9 @@ def run_simulation(args: list[str], workdir: Path | None = None, sample_rss: boo
         sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"simulation {' '.join(args)} failed:\n{out[-4000:]}")
-    results = json.loads(next(cwd.glob("outputs/*/*/results.json")).read_text())
-    return {"results": results, "wall_seconds": wall, "peak_rss_bytes": peak[0], "log": out}
+    found = next(cwd.glob("outputs/*/*/results.json"))
+    return {"results": json.loads(found.read_text()), "wall_seconds": wall, "peak_rss_bytes": peak[0], "log": out,
+            "run_dir": found.parent}
 
 
 def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
