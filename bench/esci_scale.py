@@ -29,7 +29,7 @@ def write_esci(path: Path, rows: int) -> int:
     pairs = synthetic.generate_relevance(1, rows // 5, 0)
     by_query: dict[str, list[dict[str, Any]]] = {}
     for r in pairs:
-        by_query.setdefault(r["query_id"], []).append(r)
+        by_query.setdefault(str(r["query_id"]), []).append(r)
     written = 0
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

@@ -154,7 +154,8 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
+        body_only = first.get("type") == "json_invalid"  # its loc is ("body", <character offset>)
+        where = "body" if body_only else ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}", "field": where},
                             status_code=422)
 
