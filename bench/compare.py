@@ -39,11 +39,11 @@ def _row(setting: str, scores: dict[str, Any], seconds: float, **extra: Any) -> 
             "hard_first_by_kind": scores.get("hard_first_by_kind"), "seconds": seconds, **extra}
 
 
-def trained_row(mode: str, out: dict[str, Any], merchants: int, task: str) -> dict[str, Any]:
-    """A row from one run's results.json."""
+def trained_row(mode: str, out: dict[str, Any], merchants: int, encoder: bool) -> dict[str, Any]:
+    """A row from one run's results.json (named "dual encoder, ..." when the task trains a retriever)."""
     res = out["results"]
     name = LABELS[mode].format(strategy=res.get("strategy", "FedAvg"), n=merchants)
-    name = f"dual encoder, {name}" if task == "retrieval" else name
+    name = f"dual encoder, {name}" if encoder else name
     return _row(name, res["final"], out["wall_seconds"], mode=mode, recall=res["final"].get("recall"))
 
 
@@ -124,21 +124,23 @@ def main() -> None:
     a = ap.parse_args()
     base = [f"task={a.task}", f"model={a.model}", f"simulation.num_merchants={a.merchants}", "train.progress=false",
             *a.overrides]
-    out = Comparison("compare" if a.task == "retrieval" else f"compare_{a.task}", base)
-    fd = D.prepare(compose(base))
+    cfg = compose(base)
+    encoder = get_task(cfg).serves_as == "retriever"  # the dual encoder: the matrix with a second stage
+    out = Comparison("compare" if encoder else f"compare_{a.task}", base)
+    fd = D.prepare(cfg)
     out.doc["train_examples"], out.doc["test_examples"] = [len(t) for t in fd.train], len(fd.test)
-    reranker = reranker_dir(a.reranker, a, out) if a.task == "retrieval" else None
+    reranker = reranker_dir(a.reranker, a, out) if encoder else None
     for mode in a.modes.split(","):
         run = run_simulation([*base, f"mode={mode}"])
         if not out.doc["baselines"]:
             out.doc["evaluation"] = run["results"].get("evaluation")
             for row in baseline_rows(base, run["results"]["baselines"]):
                 out.add(row, "baselines")
-        out.add(trained_row(mode, run, a.merchants, a.task))
+        out.add(trained_row(mode, run, a.merchants, encoder))
         if reranker is not None:
             out.add(second_stage_row(f"dual encoder, {STAGE_OF[mode]}", Path(run["run_dir"]) / "model", reranker,
                                      base))
-    pair = ["ndcg@10"] if a.task == "retrieval" else list(PAIR)
+    pair = ["ndcg@10"] if encoder else list(PAIR)
     out.finish(["setting", *pair, *CATALOG, "seconds"])
 
 
