@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 
@@ -254,10 +255,21 @@ def test_dirichlet_partition_is_label_skewed(alpha, min_tvd):
     assert D.prepare(cfg).train[0]["text"] == fd.train[0]["text"]
 
 
-def test_iid_partition_has_equal_sizes():
+def test_iid_partition_deals_whole_queries_evenly():
     fd = D.prepare(compose(["task=relevance", "partition=iid", "simulation.num_merchants=4"]))
-    sizes = [len(t) + len(v) for t, v in zip(fd.train, fd.val, strict=True)]
-    assert max(sizes) - min(sizes) <= 1
+    shards = [datasets.concatenate_datasets([t, v]) for t, v in zip(fd.train, fd.val, strict=True)]
+    queries = [set(s["query_id"]) for s in shards]
+    assert all(not (a & b) for i, a in enumerate(queries) for b in queries[i + 1:])  # no query on two merchants
+    assert max(map(len, queries)) - min(map(len, queries)) <= 1
+    assert sorted(fd.names) == [f"merchant_{i:02d}" for i in range(4)]
+    assert all(D.SHARD not in s.column_names for s in shards)
+    assert D.prepare(compose(["task=relevance", "partition=iid", "simulation.num_merchants=4", "seed=7"])).train[0][
+        "query_id"] != fd.train[0]["query_id"]
+
+
+def test_dual_encoder_refuses_label_skewed_partition():
+    with pytest.raises(FedshopError, match="partition=dirichlet .* splits a query's judged products"):
+        D.prepare(compose(["task=retrieval", "partition=dirichlet"]))
 
 
 def big_rows(n: int) -> list[dict[str, object]]:

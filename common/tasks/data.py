@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
+from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner, Partitioner
 
 from common.run.config import DataConfig, FedshopConfig
 from common.run.errors import FedshopError
@@ -32,6 +32,9 @@ datasets.disable_progress_bars()
 FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 SYNTHETIC = "synthetic marketplace"
 ROWS_PER_BATCH = 10_000  # rows validated at a time: memory follows the batch, not the file
+
+
+SHARD = "_fedshop_shard"  # partition=iid's merchant of each row (by query), dropped from the shards
 
 
 class Shards:
@@ -55,6 +58,8 @@ class Shards:
                 shard = self.partitioner.load_partition(k)
             except ValueError as exc:
                 raise FedshopError(f"{self.source}: partition={self.cfg.partition.name} failed: {exc}") from exc
+            if SHARD in shard.column_names:
+                shard = shard.remove_columns(SHARD)
             train, val = group_split(shard, self.cfg.data.val_fraction, self.cfg.seed, f"val:{self.names[k]}")
             if len(train) == 0:
                 raise FedshopError(f"{self.source}: merchant '{self.names[k]}' has an empty shard ({len(shard)} "
@@ -327,7 +332,6 @@ def group_split(ds: datasets.Dataset, fraction: float, seed: int,
 def partition(pool: datasets.Dataset, cfg: FedshopConfig, source: str) -> tuple[Partitioner, list[str]]:
     """A flwr-datasets partitioner over the pool, and the merchant name of each partition."""
     p, k = cfg.partition, cfg.simulation.num_merchants
-    partitioner: Partitioner
     if p.name == "natural":
         natural = NaturalIdPartitioner(partition_by="merchant")
         natural.dataset = pool
@@ -338,18 +342,29 @@ def partition(pool: datasets.Dataset, cfg: FedshopConfig, source: str) -> tuple[
                                f"simulation.num_merchants={len(names)} or use partition=dirichlet|iid")
         return natural, names
     num = p.num_partitions or k
-    if p.name == "dirichlet":
-        assert p.alpha is not None and p.min_partition_size is not None  # common/run/config/data.py checked both
-        partitioner = DirichletPartitioner(num_partitions=num, partition_by="label", alpha=p.alpha,
-                                           min_partition_size=p.min_partition_size, seed=cfg.seed)
-    else:
-        if len(pool) < num:
-            raise FedshopError(f"{source}: partition=iid into {num} merchants needs at least {num} training rows; "
-                               f"there are {len(pool)}")
-        partitioner = IidPartitioner(num_partitions=num)
-        pool = pool.shuffle(seed=cfg.seed)
+    if p.name == "iid":
+        return _iid_by_query(pool, num, cfg.seed, source)
+    assert p.alpha is not None and p.min_partition_size is not None  # common/run/config/data.py checked both
+    partitioner = DirichletPartitioner(num_partitions=num, partition_by="label", alpha=p.alpha,
+                                       min_partition_size=p.min_partition_size, seed=cfg.seed)
     partitioner.dataset = pool
     return partitioner, [f"merchant_{i:02d}" for i in range(num)]
+
+
+def _iid_by_query(pool: datasets.Dataset, num: int, seed: int, source: str) -> tuple[Partitioner, list[str]]:
+    """partition=iid over whole query groups: the seeded shuffle of the query ids dealt round-robin, so a query's
+    judged products stay on one merchant and merchants differ by at most one query."""
+    qids = pool.unique("query_id")
+    if len(qids) < num:
+        raise FedshopError(f"{source}: partition=iid into {num} merchants needs at least {num} queries; "
+                           f"there are {len(qids)}")
+    order = np.random.default_rng(seed).permutation(len(qids))
+    shard_of = {qids[j]: i % num for i, j in enumerate(order)}
+    pool = pool.add_column(SHARD, [shard_of[q] for q in pool["query_id"]])
+    natural = NaturalIdPartitioner(partition_by=SHARD)
+    natural.dataset = pool
+    ids = [int(natural.partition_id_to_natural_id[i]) for i in range(natural.num_partitions)]
+    return natural, [f"merchant_{i:02d}" for i in ids]
 
 
 def _data_key(cfg: FedshopConfig) -> str:

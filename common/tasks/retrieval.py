@@ -111,8 +111,12 @@ class RetrievalTask(RelevanceTask):
     serves_as = "retriever"
 
     def check(self) -> None:
-        """Pairs are needed; record-level DP-SGD is not built for this task yet."""
+        """Pairs are needed; a query's judged products stay together; record-level DP-SGD is not built yet."""
         super().check()
+        if self.cfg.partition.name == "dirichlet":
+            raise FedshopError("partition=dirichlet deals rows out by label, which splits a query's judged products "
+                               "across merchants (a merchant may get only its irrelevant ones); for data.task="
+                               "retrieval use partition=iid (whole queries) or natural (a merchant column)")
         if self.cfg.privacy.record_level:
             raise FedshopError("privacy=example: record-level DP-SGD is not available for data.task=retrieval yet; "
                                "use a merchant-level preset (privacy=central|client|local) or task=relevance")
