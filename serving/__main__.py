@@ -28,8 +28,10 @@ def serve(cfg: FedshopConfig, run_dir: Path) -> int:
 
     v = cfg.serving
     service = load_service(v)
-    log.info("serving %s (%s, version %s), catalog %s (%d products) on http://%s:%d", service.ranker.model_dir,
-             v.form, service.ranker.version, v.catalog, len(service.catalog), v.host, v.port)
+    m = service.models.describe()
+    log.info("serving %s (%s, %s, version %s; second stage %s), catalog %s (%d products, %s retrieval) on "
+             "http://%s:%d", v.model_dir, m["model"], m["form"], m["model_version"], m["reranker_version"] or "none",
+             v.catalog, len(service.catalog), m["retrieval"], v.host, v.port)
     uvicorn.run(create_app(service), host=v.host, port=v.port, log_level="warning", access_log=False)
     return 0
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,15 +20,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from common.run.config import ServingConfig
 from common.run.errors import FedshopError
-from common.tasks.encoder import Encoder, retriever_path
+from common.tasks.encoder import retriever_path
 from serving.batching import MicroBatcher
 from serving.catalog import Catalog
-from serving.index import Index
+from serving.embedder import Embedder, model_role, top_agreement
+from serving.index import Index, catalog_vectors
 from serving.metrics import Metrics
 from serving.ranker import Ranker
 from serving.rules import Ranked, Rules, rerank
 
 log = logging.getLogger(__name__)
+CACHE_DIR = "catalog_cache"  # inside a writable model directory: its catalog vectors, by catalog digest
 
 
 class RankRequest(BaseModel):
@@ -56,22 +61,67 @@ class HTTPError(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-class Service:
-    """What the app serves; the ranker reference is swapped atomically, in-flight requests keep theirs."""
+@dataclass(frozen=True)
+class Models:
+    """What one request scores with, swapped as one reference: the catalog index under its encoder and the optional
+    cross-encoder (None: the encoder's cosine is the model score). `served` is what serving.model_dir is."""
 
-    def __init__(self, cfg: ServingConfig, catalog: Catalog, ranker: Ranker, index: Index | None) -> None:
-        self.cfg, self.catalog, self.ranker, self.index = cfg, catalog, ranker, index
+    index: Index
+    ranker: Ranker | None
+    served: str  # retriever | reranker
+
+    @property
+    def version(self) -> str:
+        """The served model's version (serving.model_dir's)."""
+        return self.ranker.version if self.served == "reranker" and self.ranker is not None \
+            else self.index.encoder.version
+
+    def describe(self) -> dict[str, Any]:
+        """/healthz's view: the served model, its form, the index and the second stage."""
+        enc, ranker = self.index.encoder, self.ranker
+        served_form = ranker.form if self.served == "reranker" and ranker is not None else enc.form
+        return {"model_version": self.version, "form": served_form,
+                "model": "dual encoder" if self.served == "retriever" else "cross-encoder",
+                "encoder_version": enc.version, "reranker_version": ranker.version if ranker else None,
+                "retrieval": self.index.kind}
+
+
+class Service:
+    """What the app serves; the Models reference is swapped atomically, in-flight requests keep theirs."""
+
+    def __init__(self, cfg: ServingConfig, catalog: Catalog, models: Models) -> None:
+        self.cfg, self.catalog, self.models = cfg, catalog, models
         r = cfg.rules
         self.rules = Rules(out_of_stock_penalty=r.out_of_stock_penalty, margin_weight=r.margin_weight,
                            promotion_boost=r.promotion_boost, price_min=r.price_min, price_max=r.price_max,
                            max_per_category=r.max_per_category)
         self.metrics = Metrics()
-        self.metrics.model_version = ranker.version
+        self.metrics.model_version = models.version
         self.batcher = MicroBatcher(cfg.batch_max_requests, self.metrics.observe_batch)
         self.swap_lock = threading.Lock()
 
     def rank(self, req: RankRequest) -> dict[str, Any]:
         """Validate, retrieve (when no candidates), score, re-rank."""
+        query, k = self._query_and_k(req)
+        models = self.models  # one reference for the whole request: never two models' vectors
+        if req.candidates is not None:
+            positions = self._candidates(req.candidates)
+        else:
+            positions = models.index.search(query, self.cfg.retrieve_top_n)
+        products = [self.catalog.products[i] for i in positions]
+        if models.ranker is not None:
+            scores = self.batcher.score(models.ranker, query, [p.title for p in products])
+        else:
+            scores = models.index.scores(models.index.embed(query), positions)
+        rules = replace(self.rules,
+                        price_min=_tighter(self.rules.price_min, req.price_min, max),
+                        price_max=_tighter(self.rules.price_max, req.price_max, min))
+        top, filtered = rerank([Ranked(p, float(s)) for p, s in zip(products, scores, strict=True)], rules, k)
+        return {"query": query, "k": k, "model_version": models.version, "retrieved": req.candidates is None,
+                "results": [r.to_json(i + 1) for i, r in enumerate(top)], "filtered": filtered}
+
+    def _query_and_k(self, req: RankRequest) -> tuple[str, int]:
+        """The stripped query and k, checked against the service's limits."""
         cfg = self.cfg
         query = req.query.strip()
         if not query:
@@ -84,46 +134,37 @@ class Service:
             raise HTTPError(422, f"k={k} must be between 1 and {cfg.max_k}", field="k")
         if req.price_min is not None and req.price_max is not None and req.price_min > req.price_max:
             raise HTTPError(422, f"price_min {req.price_min} > price_max {req.price_max}", field="price_min")
-        ranker = self.ranker
-        if req.candidates is not None:
-            if not req.candidates:
-                raise HTTPError(422, "candidates must not be empty (omit it to retrieve from the catalog)",
-                                field="candidates")
-            if len(req.candidates) > cfg.max_candidates:
-                raise HTTPError(413, f"{len(req.candidates)} candidates, more than {cfg.max_candidates}",
-                                field="candidates")
-            unknown = [c for c in dict.fromkeys(req.candidates) if c not in self.catalog.by_id]
-            if unknown:
-                raise HTTPError(404, f"{len(unknown)} candidate id(s) not in the catalog", unknown_ids=unknown[:20])
-            products = [self.catalog.by_id[c] for c in dict.fromkeys(req.candidates)]
-            retrieved = False
-        else:
-            if self.index is None:
-                raise HTTPError(422, "this service has no retrieval index; pass candidates", field="candidates")
-            products = [self.catalog.products[i] for i in self.index.search(query, cfg.retrieve_top_n)]
-            retrieved = True
-        scores = self.batcher.score(ranker, query, [p.title for p in products])
-        rules = replace(self.rules,
-                        price_min=_tighter(self.rules.price_min, req.price_min, max),
-                        price_max=_tighter(self.rules.price_max, req.price_max, min))
-        top, filtered = rerank([Ranked(p, float(s)) for p, s in zip(products, scores, strict=True)], rules, k)
-        return {"query": query, "k": k, "model_version": ranker.version, "retrieved": retrieved,
-                "results": [r.to_json(i + 1) for i, r in enumerate(top)], "filtered": filtered}
+        return query, k
+
+    def _candidates(self, candidates: list[str]) -> list[int]:
+        """Catalog positions of the requested ids (first occurrence order); 4xx for empty, too many, unknown."""
+        if not candidates:
+            raise HTTPError(422, "candidates must not be empty (omit it to retrieve from the catalog)",
+                            field="candidates")
+        if len(candidates) > self.cfg.max_candidates:
+            raise HTTPError(413, f"{len(candidates)} candidates, more than {self.cfg.max_candidates}",
+                            field="candidates")
+        unknown = [c for c in dict.fromkeys(candidates) if c not in self.catalog.by_id]
+        if unknown:
+            raise HTTPError(404, f"{len(unknown)} candidate id(s) not in the catalog", unknown_ids=unknown[:20])
+        return [self.catalog.index[c] for c in dict.fromkeys(candidates)]
 
     def swap(self, model_dir: str, form: str | None, fp32_layers: list[int] | None = None) -> dict[str, Any]:
-        """Load and warm a new model beside the current one, then switch; a failed load changes nothing."""
+        """Load and warm a new model beside the current one (a dual encoder: with the whole catalog embedded and
+        indexed), then switch in one assignment; a failed load changes nothing."""
         with self.swap_lock:
-            old = self.ranker
+            old = self.models
             try:
-                new = Ranker(model_dir, form or old.form, self.cfg.max_length, self.cfg.gains,
-                             old.fp32_layers if fp32_layers is None else fp32_layers, self.cfg.fallback_gains)
+                new = load_models(replace(self.cfg, model_dir=model_dir, form=form or self.cfg.form,
+                                          int8_fp32_layers=self.cfg.int8_fp32_layers if fp32_layers is None
+                                          else fp32_layers), self.catalog, old)
             except FedshopError as exc:
                 raise HTTPError(422, str(exc), field="model_dir") from exc
-            self.ranker = new
+            self.models = new
             self.metrics.model_version = new.version
             self.metrics.model_swaps += 1
-            log.info("model swapped: %s -> %s (%s)", old.version, new.version, new.model_dir)
-            return {"previous": old.version, "model_version": new.version, "model_dir": str(new.model_dir)}
+            log.info("model swapped: %s -> %s (%s)", old.version, new.version, model_dir)
+            return {"previous": old.version, "model_version": new.version, "model_dir": str(model_dir)}
 
 
 def _tighter(base: float | None, asked: float | None, pick: Callable[[float, float], float]) -> float | None:
@@ -173,9 +214,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model_version": service.ranker.version, "form": service.ranker.form,
-                "catalog_size": len(service.catalog),
-                "retrieval": service.index.kind if service.index is not None else None}
+        return {"status": "ok", **service.models.describe(), "catalog_size": len(service.catalog)}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -189,7 +228,7 @@ def create_app(service: Service) -> FastAPI:
 
 
 def load_service(cfg: ServingConfig) -> Service:
-    """Load catalog, ranker and (unless disabled) the retrieval index; raises FedshopError on bad input."""
+    """Load catalog, model(s) and the retrieval index; raises FedshopError on bad input."""
     from serving.catalog import load_catalog
 
     if not cfg.model_dir:
@@ -197,7 +236,75 @@ def load_service(cfg: ServingConfig) -> Service:
     if not cfg.catalog:
         raise FedshopError("serving.catalog: the product catalog file is required")
     catalog = load_catalog(cfg.catalog)
-    ranker = Ranker(cfg.model_dir, cfg.form, cfg.max_length, cfg.gains, cfg.int8_fp32_layers, cfg.fallback_gains)
-    retriever = retriever_path(cfg.retriever)
-    index = Index(Encoder(retriever, cfg.max_length), catalog, cfg.ann_min_products, cfg.ann_m, cfg.ann_ef_search)
-    return Service(cfg, catalog, ranker, index)
+    return Service(cfg, catalog, load_models(cfg, catalog))
+
+
+def load_models(cfg: ServingConfig, catalog: Catalog, current: Models | None = None) -> Models:
+    """serving.model_dir as what it is: a dual encoder (its own index; serving.reranker, if set, re-ranks its top
+    serving.retrieve_top_n) or a cross-encoder (re-ranking serving.retriever's index). `current`: the models being
+    replaced, whose index or cross-encoder a swap of the other kind keeps."""
+    assert cfg.model_dir is not None
+    if model_role(cfg.model_dir) == "retriever":
+        index = encoder_index(cfg, catalog, cfg.model_dir, cfg.form, cfg.int8_fp32_layers)
+        reranker = current.ranker if current is not None and current.served == "retriever" else (
+            _ranker(cfg, cfg.reranker, "fp32", []) if cfg.reranker else None)
+        return Models(index, reranker, "retriever")
+    ranker = _ranker(cfg, cfg.model_dir, cfg.form, cfg.int8_fp32_layers)
+    if current is not None and current.served == "reranker":
+        return Models(current.index, ranker, "reranker")
+    return Models(encoder_index(cfg, catalog, str(retriever_path(cfg.retriever)), "fp32", []), ranker, "reranker")
+
+
+def _ranker(cfg: ServingConfig, model_dir: str, form: str, fp32_layers: list[int]) -> Ranker:
+    """A cross-encoder as configured."""
+    return Ranker(model_dir, form, cfg.max_length, cfg.gains, fp32_layers, cfg.fallback_gains)
+
+
+def encoder_index(cfg: ServingConfig, catalog: Catalog, model_dir: str, form: str, fp32_layers: list[int]) -> Index:
+    """The catalog index under an encoder in `form`; a compressed form is checked against fp32 first."""
+    cache = _cache_dir(cfg, Path(model_dir))
+    encoder = Embedder(model_dir, form, cfg.max_length, fp32_layers)
+    index = Index(encoder, catalog, cfg.ann_min_products, cfg.ann_m, cfg.ann_ef_search, cache)
+    if form != "fp32":
+        check_agreement(cfg, catalog, index, cache)
+    return index
+
+
+def _cache_dir(cfg: ServingConfig, model_dir: Path) -> Path | None:
+    """serving.cache_dir, else <model_dir>/catalog_cache where the model directory is writable, else none."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return model_dir.expanduser() / CACHE_DIR if os.access(model_dir.expanduser(), os.W_OK) else None
+
+
+def check_agreement(cfg: ServingConfig, catalog: Catalog, index: Index, cache: Path | None) -> float:
+    """The compressed form's top-10 agreement with fp32 over the agreement queries; below serving.min_agreement
+    a FedshopError unless serving.force_form."""
+    enc = index.encoder
+    reference = Embedder(enc.model_dir, "fp32", cfg.max_length)
+    ref_p = catalog_vectors(reference, catalog, cache)
+    queries = agreement_queries(cfg, catalog)
+    score = top_agreement(enc.encode(queries), index.vectors.vectors, reference.encode(queries), ref_p)
+    verdict = f"serving.form={enc.form}: top-10 agreement with fp32 {score:.4f} on {len(queries)} queries"
+    if score < cfg.min_agreement and not cfg.force_form:
+        raise FedshopError(f"{verdict}, below serving.min_agreement={cfg.min_agreement}; serve fp32, or set "
+                           f"serving.force_form=true to serve it anyway")
+    log.info("%s (serving.min_agreement %s)", verdict, cfg.min_agreement)
+    return score
+
+
+def agreement_queries(cfg: ServingConfig, catalog: Catalog) -> list[str]:
+    """serving.agreement_queries (one query per line, or make_catalog's queries.jsonl), else 200 catalog titles
+    spread over the catalog."""
+    if cfg.agreement_queries:
+        path = Path(cfg.agreement_queries).expanduser()
+        try:
+            lines = [x.strip() for x in path.read_text().splitlines() if x.strip()]
+        except OSError as exc:
+            raise FedshopError(f"serving.agreement_queries={path}: {exc}") from exc
+        queries = [str(json.loads(x)["query"]) if x.startswith("{") else x for x in lines]
+        if not queries:
+            raise FedshopError(f"serving.agreement_queries={path}: no queries")
+        return queries
+    step = max(1, len(catalog) // 200)
+    return [p.title for p in catalog.products[::step]][:200]

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.run.config import compose
 from common.run.errors import FedshopError
+from common.tasks.encoder import mean_pooled
 from common.tasks.model import LABELS_FILE
 from common.tasks.registry import task_class
 
@@ -47,7 +48,7 @@ def read_labels(model_dir: Path, gains: dict[str, float] | None,
         role = task_class(task).serves_as or "no ranker"
         if role != "reranker":
             raise FedshopError(f"serving.model_dir={model_dir}: a data.task={task} model ({role}), not a "
-                               f"cross-encoder; a dual encoder serves as serving.retriever=<dir>")
+                               f"cross-encoder; a dual encoder is served as serving.model_dir=<dir> itself")
         labels = [str(x) for x in doc["labels"]]
         saved = doc.get("gains") or {}
     else:
@@ -151,7 +152,7 @@ class Ranker:
         if form.startswith("onnx"):
             self.onnx_path = export_onnx(self.model_dir, self.tokenizer, quantized=form == "onnx-int8",
                                          fp32_layers=self.fp32_layers)
-            self.session = _ort_session(self.onnx_path)
+            self.session = ort_session(self.onnx_path)
         if form == "int8":
             model = quantize_int8(model, self.fp32_layers)
         # An ONNX form scores with its session only; the torch weights are not kept in memory beside it.
@@ -221,7 +222,8 @@ def quantize_int8(model: torch.nn.Module, fp32_layers: list[int]) -> torch.nn.Mo
                                                   dtype=torch.qint8)
 
 
-def _ort_session(path: Path) -> Any:
+def ort_session(path: Path) -> Any:
+    """An ONNX Runtime CPU session over the exported graph, with torch's thread count."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -232,28 +234,35 @@ def _ort_session(path: Path) -> Any:
 
 
 class _ByName(torch.nn.Module):
-    """Positional inputs -> the model's keyword arguments (the exporter passes inputs by position)."""
+    """Positional inputs -> the model's keyword arguments (the exporter passes inputs by position); the output is
+    a classifier's logits, or an encoder's mean-pooled, L2-normalised embedding (`pooled`)."""
 
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+    def __init__(self, model: torch.nn.Module, names: list[str], pooled: bool = False) -> None:
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.pooled = model, names, pooled
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of the wrapped classifier."""
-        return self.model(**dict(zip(self.names, inputs, strict=True))).logits
+        """Logits of the wrapped classifier, or unit embeddings of the wrapped encoder."""
+        kwargs = dict(zip(self.names, inputs, strict=True))
+        out = self.model(**kwargs)
+        if self.pooled:
+            return mean_pooled(out.last_hidden_state, kwargs["attention_mask"])
+        return out.logits
 
 
 def export_onnx(model_dir: Path, tokenizer: PreTrainedTokenizerBase, quantized: bool,
-                fp32_layers: list[int] | tuple[int, ...] = ()) -> Path:
+                fp32_layers: list[int] | tuple[int, ...] = (), encoder: bool = False) -> Path:
     """<model_dir>/onnx/model.onnx (and model.int8[-fp32_<layers>].onnx: ONNX Runtime dynamic int8, per
-    channel, the nodes of `fp32_layers` left fp32), made once.
+    channel, the nodes of `fp32_layers` left fp32), made once; `encoder`: the dual encoder's graph, output
+    "embedding" (mean-pooled, normalised), in encoder.onnx / encoder.int8*.onnx.
 
     Traced with eager attention on a padded batch: with SDPA and an unpadded example the exporter records
     a graph that ignores the attention mask, and padded requests then score wrongly.
     """
     out = model_dir / ONNX_DIR
+    stem = "encoder" if encoder else "model"
     suffix = "-fp32_" + "_".join(map(str, sorted(fp32_layers))) if fp32_layers else ""
-    fp32, int8 = out / "model.onnx", out / f"model.int8{suffix}.onnx"
+    fp32, int8 = out / f"{stem}.onnx", out / f"{stem}.int8{suffix}.onnx"
     target = int8 if quantized else fp32
     if target.is_file():
         return target
@@ -263,24 +272,35 @@ def export_onnx(model_dir: Path, tokenizer: PreTrainedTokenizerBase, quantized: 
         raise FedshopError(f"{out}: cannot write the ONNX export there ({exc}); export on a writable copy "
                            f"(python -m serving.compress)") from exc
     if not fp32.is_file():
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
-        enc = tokenizer(["a query", "a much longer query about shoes"], ["a product title", "title"], padding=True,
-                        return_tensors="pt")
-        names = list(enc.keys())
-        tmp = out / f".model.{os.getpid()}.onnx"
-        torch.onnx.export(_ByName(model, names), tuple(enc[k] for k in names), str(tmp), input_names=names,
-                          output_names=["logits"],
-                          dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in names}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-        os.replace(tmp, fp32)
+        _export_fp32(model_dir, tokenizer, fp32, encoder)
     if quantized:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         keep = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node
                 if in_layers(n.name, list(fp32_layers))]
-        tmp = out / f".model.int8.{os.getpid()}.onnx"
+        tmp = out / f".{stem}.int8.{os.getpid()}.onnx"
         quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep)
         os.replace(tmp, int8)
     log.info("exported %s", target)
     return target
+
+
+def _export_fp32(model_dir: Path, tokenizer: PreTrainedTokenizerBase, target: Path, encoder: bool) -> None:
+    """Trace the classifier (or encoder) to `target`, written atomically."""
+    auto = AutoModel if encoder else AutoModelForSequenceClassification
+    model = auto.from_pretrained(model_dir, attn_implementation="eager").eval()
+    if encoder:
+        enc = tokenizer(["a product title", "a much longer product title about shoes"], padding=True,
+                        return_tensors="pt")
+    else:
+        enc = tokenizer(["a query", "a much longer query about shoes"], ["a product title", "title"], padding=True,
+                        return_tensors="pt")
+    names = list(enc.keys())
+    output = "embedding" if encoder else "logits"
+    tmp = target.parent / f".{target.stem}.{os.getpid()}.onnx"
+    torch.onnx.export(_ByName(model, names, pooled=encoder), tuple(enc[k] for k in names), str(tmp),
+                      input_names=names, output_names=[output],
+                      dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in names}, output: {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    os.replace(tmp, target)

@@ -119,13 +119,14 @@ def test_a_federated_dual_encoder_simulation_scores_the_catalog_every_round(tmp_
     assert json.loads((model / "fedshop_labels.json").read_text())["task"] == "retrieval"
 
 
-def test_the_service_refuses_a_dual_encoder_as_its_cross_encoder(minilm, tmp_path):
-    """serving.model_dir must be a cross-encoder: a dual-encoder directory is refused with where it belongs."""
+def test_the_cross_encoder_ranker_refuses_a_dual_encoder_directory(minilm, tmp_path):
+    """The cross-encoder stage (a cross-encoder serving.model_dir, or serving.reranker) refuses a dual-encoder
+    directory and says where it belongs."""
     from serving.ranker import Ranker
 
     _, _, wb, _ = minilm
     wb.task.save(wb, tmp_path / "model")
     with pytest.raises(FedshopError, match="a data.task=retrieval model \\(retriever\\), not a cross-encoder; a dual "
-                                           "encoder serves as serving.retriever=<dir>"):
+                                           "encoder is served as serving.model_dir=<dir> itself"):
         Ranker(tmp_path / "model")
     assert Encoder(tmp_path / "model").encode(["grey sofa"]).shape == (1, 384)

@@ -52,6 +52,11 @@ class ServingConfig:
     port: int = MISSING
     max_length: int = MISSING
     retriever: str | None = None
+    reranker: str | None = None
+    cache_dir: str | None = None
+    min_agreement: float = MISSING
+    force_form: bool = MISSING
+    agreement_queries: str | None = None
     retrieve_top_n: int = MISSING
     default_k: int = MISSING
     max_k: int = MISSING
@@ -83,6 +88,7 @@ def _validate_service(v: ServingConfig) -> None:
         _check(getattr(v, key) > 0, f"serving.{key}", getattr(v, key), "> 0")
     _check(v.default_k <= v.max_k, "serving.default_k", v.default_k, f"<= serving.max_k ({v.max_k})")
     _check(v.request_timeout > 0, "serving.request_timeout", v.request_timeout, "> 0")
+    _check(0.0 <= v.min_agreement <= 1.0, "serving.min_agreement", v.min_agreement, "in [0, 1]")
 
 
 def _validate_compress(c: CompressConfig) -> None:
