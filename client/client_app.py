@@ -147,7 +147,8 @@ def _record_dp(cfg: FedshopConfig, merchant: Merchant, server_round: int,
                budget: RecordBudget) -> dp.RecordDP | wire.Declined:
     """privacy=example: this round's DP-SGD, or a decline when it would take the merchant past its budget."""
     p = cfg.privacy
-    plan = dp.plan_round(p, cfg.train.batch_size, cfg.train.local_epochs, len(merchant.train), budget.history,
+    records = merchant.task.num_records(merchant.train)
+    plan = dp.plan_round(p, cfg.train.batch_size, cfg.train.local_epochs, records, budget.history,
                          cfg.strategy.num_rounds - server_round + 1)
     if p.target_epsilon is not None and plan.epsilon_after > p.target_epsilon:
         reason = (f"{merchant.name}: training round {server_round} would take epsilon on its records from "

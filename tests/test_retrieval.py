@@ -54,9 +54,61 @@ def test_a_query_without_a_positive_product_is_refused_naming_it():
         groups_of(ds, [1.0, 0.1, 0.01, 0.0], "shard.csv")
 
 
-def test_record_level_privacy_is_refused_for_now():
-    with pytest.raises(FedshopError, match="privacy=example: record-level DP-SGD is not available"):
-        get_task(compose([*SMALL, "privacy=example"]))
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = compose([*SMALL, "model=tiny", "train.lr=1e-3"])
+    fd = D.prepare(cfg)
+    wb = get_task(cfg).workbench(fd.labels)
+    return cfg, fd, wb
+
+
+def _records(wb, fd, n):
+    return groups_of(wb.task.tokenize(fd.train[0], wb), wb.gains)[:n]
+
+
+def test_removing_one_record_changes_the_clipped_sum_by_at_most_c(tiny):
+    """privacy=example's bound: each record's loss is its query against its own products only, so dropping any one
+    record moves the sum of clipped gradients by at most C (here C is small enough that every record is clipped)."""
+    _, fd, wb = tiny
+    records, clip = _records(wb, fd, 6), 0.05
+    wb.model.eval()  # dropout off: the two sums are then the same computation but for the dropped record
+    params = [p for p in wb.model.parameters() if p.requires_grad]
+    args = (clip, 0, torch.device("cpu"), params)
+    full, _ = wb.task.clipped_sum(wb.model, records, *args)
+    for i in range(len(records)):
+        without, _ = wb.task.clipped_sum(wb.model, records[:i] + records[i + 1:], *args)
+        moved = float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(full, without, strict=True))))
+        assert clip * 0.99 < moved <= clip * (1 + 1e-4), (i, moved)
+
+
+def test_dual_encoder_dp_sgd_trains_on_poisson_batches_and_extends_the_history(tiny):
+    from common.tasks.dp import RecordDP, sample_rate, steps_per_round
+
+    cfg, fd, wb = tiny
+    ds = wb.task.tokenize(fd.train[0], wb)
+    n = wb.task.num_records(ds)
+    assert n == len(set(fd.train[0]["query_id"])) < len(ds)  # a record is a query with its judged products
+    before = [p.detach().clone() for p in wb.model.parameters()]
+    private = RecordDP(noise_multiplier=1.0, clipping_norm=1.0, history=[(2.0, 0.5, 3)])
+    out = wb.task.train(wb, ds, 2, 0, dp=private)
+    assert private.history == [(2.0, 0.5, 3), (1.0, sample_rate(n, cfg.train.batch_size),
+                                               steps_per_round(n, cfg.train.batch_size, 2))]
+    after = list(wb.model.parameters())
+    assert out["train-loss"] > 0 and any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_record_level_private_dual_encoder_federation_accounts_every_merchant(tmp_path):
+    """privacy=example end to end with the dual encoder: every merchant reports its epsilon on its own records,
+    within the target."""
+    args = ["task=retrieval", "model=tiny", "train.progress=false", *SMALL[2:], "strategy.num_rounds=2",
+            "privacy=example", "privacy.target_epsilon=8", "live.port=null", f"hydra.run.dir={tmp_path}/run"]
+    proc = run_cli("simulation", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["status"] == "completed"
+    eps = [r["record_epsilon"] for r in doc["rounds"][2]["replied"]]
+    assert len(eps) == 3 and all(0 < e <= 8.0 + 1e-6 for e in eps), eps
+    assert (tmp_path / "run" / "model" / "modules.json").is_file()
 
 
 @pytest.fixture(scope="module")

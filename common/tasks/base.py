@@ -123,6 +123,10 @@ class Task:
         """The loss of (model outputs, labels) on a tokenised split (train.loss: ce, balanced or focal)."""
         return T.criterion(self.cfg.train, ds["label"], len(wb.labels))
 
+    def num_records(self, ds: datasets.Dataset) -> int:
+        """How many records a split holds for privacy=example (its sampling rate and steps): one per row."""
+        return len(ds)
+
     def train(self, wb: Workbench, ds: datasets.Dataset, epochs: int, seed: int, proximal_mu: float = 0.0,
               desc: str = "train", dp: RecordDP | None = None) -> dict[str, float]:
         """Fine-tune wb.model in place on a tokenised split; mean loss, num-examples, seconds."""

@@ -3,6 +3,10 @@ score by cosine; training is a listwise softmax over each query's judged product
 in the batch (in-batch negatives), its target the query's ESCI gains normalised to sum to one (ListNet's top-one
 probability), at retrieval.temperature. Round 0 is the pretrained bi-encoder the service already retrieves with.
 
+Under privacy=example a record is one query with its judged products, and DP-SGD scores each record against its
+own products only: an in-batch negative would make one record's loss depend on another's, and per-record clipping
+would then no longer bound what a record changes.
+
 The final model is a sentence-embedding directory: AutoModel loads it, serving.retriever and eval.retriever accept
 it, and sentence-transformers reads its modules.json and 1_Pooling/ as mean pooling plus normalisation.
 """
@@ -31,6 +35,8 @@ from common.tasks import model as M
 from common.tasks import train as T
 from common.tasks.base import HeldOut, PairScorer, Workbench
 from common.tasks.dp import RecordDP
+from common.tasks.dp import sample_rate as dp_sample_rate
+from common.tasks.dp import steps_per_round as dp_steps
 from common.tasks.encoder import Encoder, encode_texts, mean_pooled
 from common.tasks.evaluation import References, hard_first, references, top_k
 from common.tasks.metrics import catalog_ranking, ndcg_at_k
@@ -103,6 +109,24 @@ def batch_targets(batch: list[Group]) -> tuple[list[list[int]], torch.Tensor]:
     return products, targets
 
 
+@dataclass
+class _Run:
+    """One local training run's moving parts."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    params: list[torch.nn.Parameter]
+    pad: int
+    device: torch.device
+
+    def step(self) -> None:
+        """Optimiser and schedule step; gradients cleared."""
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 @register_task("retrieval")
 class RetrievalTask(RelevanceTask):
     """Dual encoder over (query, product text) pairs graded by ESCI gains: the relevance task's data, built-in
@@ -111,15 +135,12 @@ class RetrievalTask(RelevanceTask):
     serves_as = "retriever"
 
     def check(self) -> None:
-        """Pairs are needed; a query's judged products stay together; record-level DP-SGD is not built yet."""
+        """Pairs are needed; a query's judged products stay together."""
         super().check()
         if self.cfg.partition.name == "dirichlet":
             raise FedshopError("partition=dirichlet deals rows out by label, which splits a query's judged products "
                                "across merchants (a merchant may get only its irrelevant ones); for data.task="
                                "retrieval use partition=iid (whole queries) or natural (a merchant column)")
-        if self.cfg.privacy.record_level:
-            raise FedshopError("privacy=example: record-level DP-SGD is not available for data.task=retrieval yet; "
-                               "use a merchant-level preset (privacy=central|client|local) or task=relevance")
 
     def build_model(self, labels: list[str], seed: int) -> torch.nn.Module:
         """The bi-encoder as pretrained (LoRA: its adapters on top, nothing else trains)."""
@@ -156,9 +177,14 @@ class RetrievalTask(RelevanceTask):
         (out_dir / "sentence_bert_config.json").write_text(json.dumps(
             {"max_seq_length": self.cfg.train.max_length, "do_lower_case": False}, indent=2))
 
+    def num_records(self, ds: datasets.Dataset) -> int:
+        """A record is one query with its judged products (what privacy=example protects)."""
+        return len(set(ds["query_id"]))
+
     def train(self, wb: Workbench, ds: datasets.Dataset, epochs: int, seed: int, proximal_mu: float = 0.0,
               desc: str = "train", dp: RecordDP | None = None) -> dict[str, float]:
-        """Fine-tune the encoder in place: train.batch_size queries a step with all their judged products."""
+        """Fine-tune the encoder in place: train.batch_size queries a step with all their judged products (under
+        `dp`, DP-SGD over Poisson batches of records, each scored against its own products only)."""
         t0, tc, model = time.perf_counter(), self.cfg.train, wb.model
         T.set_seed(seed)
         device = T.pick_device(tc.device)
@@ -170,28 +196,77 @@ class RetrievalTask(RelevanceTask):
         opt, params = T.optimizer(model, tc)
         sched = get_linear_schedule_with_warmup(opt, math.ceil(tc.warmup_ratio * epochs * per_epoch),
                                                 max(1, epochs * per_epoch))
-        anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-        rng, pad = np.random.default_rng(seed), int(wb.tokenizer.pad_token_id or 0)
+        pad = int(wb.tokenizer.pad_token_id or 0)
+        run = _Run(model, opt, sched, params, pad, device)
+        if dp is not None:
+            loss = self._train_private(run, groups, epochs, seed, dp)
+        else:
+            loss = self._train_batches(run, groups, epochs, seed, proximal_mu, desc)
+        model.to("cpu")
+        return {keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: len(ds), keys.TRAIN_SECONDS: time.perf_counter() - t0}
+
+    def _train_batches(self, run: _Run, groups: list[Group], epochs: int, seed: int, proximal_mu: float,
+                       desc: str) -> float:
+        """Ordinary training: shuffled batches of queries, in-batch negatives, FedProx term; the mean loss."""
+        tc = self.cfg.train
+        anchor = [p.detach().clone() for p in run.params] if proximal_mu > 0 else []
+        rng = np.random.default_rng(seed)
         total, seen = 0.0, 0
         for epoch in range(epochs):
             order = rng.permutation(len(groups))
             for start in tqdm(range(0, len(groups), tc.batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}",
                               disable=None if tc.progress else True, leave=False, mininterval=1.0):
                 batch = [groups[i] for i in order[start:start + tc.batch_size]]
-                loss = self._step_loss(model, batch, pad, device)
+                loss = self._step_loss(run.model, batch, run.pad, run.device)
                 total, seen = total + float(loss.detach()) * len(batch), seen + len(batch)
                 if anchor:
-                    loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor,
+                    loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(run.params, anchor,
                                                                                               strict=True))
-                opt.zero_grad(set_to_none=True)
+                run.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                opt.step()
-                sched.step()
-        model.to("cpu")
-        return {keys.TRAIN_LOSS: total / max(seen, 1), keys.NUM_EXAMPLES: len(ds),
-                keys.TRAIN_SECONDS: time.perf_counter() - t0}
+                    torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip)
+                run.step()
+        return total / max(seen, 1)
+
+    def _train_private(self, run: _Run, groups: list[Group], epochs: int, seed: int, dp: RecordDP) -> float:
+        """DP-SGD on records: each step a Poisson sample (rate 1 / steps-per-epoch), every record's gradient of
+        its own loss clipped to C, N(0, (zC)^2) added to the sum, divided by the expected batch size; the
+        steps join `dp.history` for the merchant's accountant. The mean loss of the sampled records."""
+        rate, steps = dp_sample_rate(len(groups), self.cfg.train.batch_size), \
+            dp_steps(len(groups), self.cfg.train.batch_size, epochs)
+        rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+        expected = rate * len(groups)
+        total, seen = 0.0, 0
+        for _ in range(steps):
+            batch = [g for g, take in zip(groups, rng.random(len(groups)) < rate, strict=True) if take]
+            summed, loss_sum = self.clipped_sum(run.model, batch, dp.clipping_norm, run.pad, run.device, run.params)
+            total, seen = total + loss_sum, seen + len(batch)
+            for p, g in zip(run.params, summed, strict=True):
+                noise = torch.normal(0.0, dp.noise_multiplier * dp.clipping_norm, size=p.shape, generator=gen)
+                p.grad = ((g + noise.to(g.device)) / expected).to(p.dtype)
+            run.step()
+        dp.history.append((float(dp.noise_multiplier), float(rate), int(steps)))
+        return total / max(seen, 1)
+
+    def clipped_sum(self, model: torch.nn.Module, records: list[Group], clip: float, pad: int,
+                    device: torch.device, params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], float]:
+        """The sum over records of each record's gradient clipped to L2 norm `clip`, and the summed loss. A
+        record's loss is its query against its own judged products only (no in-batch negatives), so it depends
+        on that record alone and removing it changes the sum by at most `clip`."""
+        summed = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        loss_sum = 0.0
+        for g in records:
+            vecs = embed(model, [g.query, *g.products], pad, device)
+            loss = listwise_loss(vecs[:1], vecs[1:], torch.tensor([g.gains], device=device), self.temperature)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            flat = [torch.zeros_like(p) if x is None else x.float() for p, x in zip(params, grads, strict=True)]
+            norm = math.sqrt(sum(float((x ** 2).sum()) for x in flat))
+            factor = min(1.0, clip / (norm + 1e-12))
+            for acc, x in zip(summed, flat, strict=True):
+                acc.add_(x, alpha=factor)
+            loss_sum += float(loss.detach())
+        return summed, loss_sum
 
     def _step_loss(self, model: torch.nn.Module, batch: list[Group], pad: int, device: torch.device) -> torch.Tensor:
         products, targets = batch_targets(batch)
