@@ -182,3 +182,25 @@ def test_the_cross_encoder_ranker_refuses_a_dual_encoder_directory(minilm, tmp_p
                                            "encoder is served as serving.model_dir=<dir> itself"):
         Ranker(tmp_path / "model")
     assert Encoder(tmp_path / "model").encode(["grey sofa"]).shape == (1, 384)
+
+
+# central and client in the default suite (about 40 s each with the tiny model); local and SecAgg+ in the slow one.
+@pytest.mark.parametrize("more", [["privacy=central"], ["privacy=client"],
+                                  pytest.param(["privacy=local", "privacy.local_epsilon=50"], marks=pytest.mark.slow),
+                                  pytest.param(["secagg=plus", "privacy=client"], marks=pytest.mark.slow)])
+def test_merchant_level_presets_and_secagg_train_the_lora_dual_encoder(more, tmp_path):
+    """Merchant-level DP presets (and SecAgg+ under client-side clipping) with the dual encoder and LoRA: the run
+    completes, is accounted every round, and ends with a sentence-embedding directory."""
+    args = ["task=retrieval", "model=tiny", "finetune=lora", "train.progress=false", *SMALL[2:],
+            "strategy.num_rounds=2", "privacy.clipping_norm=0.05", "privacy.noise_multiplier=0.5", *more,
+            "live.port=null", f"hydra.run.dir={tmp_path}/run"]
+    proc = run_cli("simulation", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["status"] == "completed" and doc["privacy"]["releases"] == 2
+    eps = [r["privacy"]["epsilon"] for r in doc["rounds"][1:]]
+    assert 0 < eps[0] < eps[1], eps
+    if "secagg=plus" in more:
+        assert all(r["secure_aggregation"]["survivors"] == 3 for r in doc["rounds"][1:])
+    assert all("catalog_ndcg@10" in r["server"] for r in doc["rounds"])
+    assert (tmp_path / "run" / "model" / "modules.json").is_file()
