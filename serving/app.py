@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -83,7 +84,7 @@ class Models:
         return {"model_version": self.version, "form": served_form,
                 "model": "dual encoder" if self.served == "retriever" else "cross-encoder",
                 "encoder_version": enc.version, "reranker_version": ranker.version if ranker else None,
-                "retrieval": self.index.kind}
+                "retrieval": self.index.kind, "index_build_s": round(self.index.vectors.build_seconds, 2)}
 
 
 class Service:
@@ -98,27 +99,33 @@ class Service:
         self.metrics = Metrics()
         self.metrics.model_version = models.version
         self.batcher = MicroBatcher(cfg.batch_max_requests, self.metrics.observe_batch)
+        self.query_batcher = MicroBatcher(cfg.query_batch_max_requests, self.metrics.observe_batch)
         self.swap_lock = threading.Lock()
 
     def rank(self, req: RankRequest) -> dict[str, Any]:
         """Validate, retrieve (when no candidates), score, re-rank."""
         query, k = self._query_and_k(req)
         models = self.models  # one reference for the whole request: never two models' vectors
-        if req.candidates is not None:
-            positions = self._candidates(req.candidates)
-        else:
-            positions = models.index.search(query, self.cfg.retrieve_top_n)
+        asked = self._candidates(req.candidates) if req.candidates is not None else None
+        positions, scores = self._scored(models, query, asked)
         products = [self.catalog.products[i] for i in positions]
-        if models.ranker is not None:
-            scores = self.batcher.score(models.ranker, query, [p.title for p in products])
-        else:
-            scores = models.index.scores(models.index.embed(query), positions)
         rules = replace(self.rules,
                         price_min=_tighter(self.rules.price_min, req.price_min, max),
                         price_max=_tighter(self.rules.price_max, req.price_max, min))
         top, filtered = rerank([Ranked(p, float(s)) for p, s in zip(products, scores, strict=True)], rules, k)
         return {"query": query, "k": k, "model_version": models.version, "retrieved": req.candidates is None,
                 "results": [r.to_json(i + 1) for i, r in enumerate(top)], "filtered": filtered}
+
+    def _scored(self, models: Models, query: str, asked: list[int] | None) -> tuple[list[int], np.ndarray]:
+        """Catalog positions (the asked ones, else retrieved) and their model scores: the encoder's cosine (the
+        query embedded once), or the cross-encoder's expected gain."""
+        if models.ranker is None:
+            vector = self.query_batcher.run(models.index, models.index.embed_many, query)
+            positions = asked if asked is not None else models.index.vectors.search(vector, self.cfg.retrieve_top_n)
+            return positions, models.index.scores(vector, positions)
+        positions = asked if asked is not None else models.index.search(query, self.cfg.retrieve_top_n)
+        titles = [self.catalog.products[i].title for i in positions]
+        return positions, self.batcher.score(models.ranker, query, titles)
 
     def _query_and_k(self, req: RankRequest) -> tuple[str, int]:
         """The stripped query and k, checked against the service's limits."""

@@ -40,6 +40,15 @@ def model_role(model_dir: str | Path) -> str:
     return "retriever" if (path / "modules.json").is_file() else "reranker"
 
 
+def load_encoder(model_dir: Path) -> Any:
+    """The encoder without a pooler where the architecture has that switch (the dual encoder saves none and only
+    mean-pools the token states), in eval mode."""
+    try:
+        return AutoModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
+    except TypeError:
+        return AutoModel.from_pretrained(model_dir).eval()
+
+
 class Embedder:
     """A loaded, warmed-up dual encoder: encode(texts) -> unit vectors (float32, one row per text)."""
 
@@ -52,7 +61,7 @@ class Embedder:
         self.fp32_layers = sorted(set(fp32_layers)) if form.endswith("int8") else []
         try:
             self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.model_dir)
-            model = AutoModel.from_pretrained(self.model_dir).eval()
+            model = load_encoder(self.model_dir)
         except (OSError, ValueError) as exc:
             raise FedshopError(f"serving.model_dir={self.model_dir}: could not load an encoder: {exc}") from exc
         self.session: Any = None

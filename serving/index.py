@@ -130,6 +130,10 @@ class Index:
         """The query's unit vector under this index's encoder."""
         return self.encoder.encode([query])[0]
 
+    def embed_many(self, queries: list[str]) -> list[np.ndarray]:
+        """Several queries' unit vectors in one forward pass."""
+        return list(self.encoder.encode(queries))
+
     def search(self, query: str, n: int) -> list[int]:
         """Catalog positions of the n titles closest to the query."""
         return self.vectors.search(self.embed(query), n)

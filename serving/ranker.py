@@ -288,8 +288,14 @@ def export_onnx(model_dir: Path, tokenizer: PreTrainedTokenizerBase, quantized: 
 
 def _export_fp32(model_dir: Path, tokenizer: PreTrainedTokenizerBase, target: Path, encoder: bool) -> None:
     """Trace the classifier (or encoder) to `target`, written atomically."""
-    auto = AutoModel if encoder else AutoModelForSequenceClassification
-    model = auto.from_pretrained(model_dir, attn_implementation="eager").eval()
+    if encoder:  # no pooler: the dual encoder saves none and mean-pools the token states
+        try:
+            model = AutoModel.from_pretrained(model_dir, attn_implementation="eager", add_pooling_layer=False)
+        except TypeError:
+            model = AutoModel.from_pretrained(model_dir, attn_implementation="eager")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
+    model.eval()
     if encoder:
         enc = tokenizer(["a product title", "a much longer product title about shoes"], padding=True,
                         return_tensors="pt")

@@ -64,6 +64,7 @@ class ServingConfig:
     max_query_chars: int = MISSING
     request_timeout: float = MISSING
     batch_max_requests: int = MISSING
+    query_batch_max_requests: int = MISSING
     ann_min_products: int = MISSING
     ann_m: int = MISSING
     ann_ef_search: int = MISSING
@@ -84,7 +85,7 @@ def _validate_service(v: ServingConfig) -> None:
     """The served form, sizes, k and the request timeout."""
     _check(v.form in {"fp32", "int8", "onnx", "onnx-int8"}, "serving.form", v.form, "fp32|int8|onnx|onnx-int8")
     for key in ("max_length", "retrieve_top_n", "default_k", "max_k", "max_candidates", "max_query_chars",
-                "batch_max_requests", "ann_min_products", "ann_m", "ann_ef_search"):
+                "batch_max_requests", "query_batch_max_requests", "ann_min_products", "ann_m", "ann_ef_search"):
         _check(getattr(v, key) > 0, f"serving.{key}", getattr(v, key), "> 0")
     _check(v.default_k <= v.max_k, "serving.default_k", v.default_k, f"<= serving.max_k ({v.max_k})")
     _check(v.request_timeout > 0, "serving.request_timeout", v.request_timeout, "> 0")
