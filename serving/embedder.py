@@ -53,7 +53,7 @@ class Embedder:
     """A loaded, warmed-up dual encoder: encode(texts) -> unit vectors (float32, one row per text)."""
 
     def __init__(self, model_dir: str | Path, form: str = "fp32", max_length: int = 64,
-                 fp32_layers: list[int] | tuple[int, ...] = ()) -> None:
+                 fp32_layers: list[int] | tuple[int, ...] = (), threads: int | None = None) -> None:
         self.model_dir = Path(model_dir).expanduser().resolve()
         if form not in FORMS:
             raise FedshopError(f"serving.form={form!r}: expected one of {', '.join(FORMS)}")
@@ -68,7 +68,7 @@ class Embedder:
         if form.startswith("onnx"):
             self.onnx_path = export_onnx(self.model_dir, self.tokenizer, quantized=form == "onnx-int8",
                                          fp32_layers=self.fp32_layers, encoder=True)
-            self.session = ort_session(self.onnx_path)
+            self.session = ort_session(self.onnx_path, threads)
             self.input_names = [i.name for i in self.session.get_inputs()]
         self.model: Any = None if self.session is not None else (
             quantize_int8(model, self.fp32_layers) if form == "int8" else model)
@@ -85,10 +85,9 @@ class Embedder:
 
     def _pass(self, texts: list[str]) -> np.ndarray:
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
-        if self.session is not None:
+        if self.session is not None:  # an ONNX Runtime session runs concurrent calls safely: no lock
             feed = {k: np.asarray(enc[k], dtype=np.int64) for k in self.input_names}
-            with self._lock:
-                return np.asarray(self.session.run(["embedding"], feed)[0], dtype=np.float32)
+            return np.asarray(self.session.run(["embedding"], feed)[0], dtype=np.float32)
         tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in enc.items()}
         with self._lock, torch.inference_mode():
             states = self.model(**tensors).last_hidden_state

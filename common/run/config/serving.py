@@ -65,6 +65,7 @@ class ServingConfig:
     request_timeout: float = MISSING
     batch_max_requests: int = MISSING
     query_batch_max_requests: int = MISSING
+    encoder_threads: int | None = None
     ann_min_products: int = MISSING
     ann_m: int = MISSING
     ann_ef_search: int = MISSING
@@ -90,6 +91,8 @@ def _validate_service(v: ServingConfig) -> None:
     _check(v.default_k <= v.max_k, "serving.default_k", v.default_k, f"<= serving.max_k ({v.max_k})")
     _check(v.request_timeout > 0, "serving.request_timeout", v.request_timeout, "> 0")
     _check(0.0 <= v.min_agreement <= 1.0, "serving.min_agreement", v.min_agreement, "in [0, 1]")
+    _check(v.encoder_threads is None or v.encoder_threads > 0, "serving.encoder_threads", v.encoder_threads,
+           "> 0 or null")
 
 
 def _validate_compress(c: CompressConfig) -> None:
