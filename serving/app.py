@@ -31,7 +31,9 @@ from serving.ranker import Ranker
 from serving.rules import Ranked, Rules, rerank
 
 log = logging.getLogger(__name__)
+ENCODER_FORM = "onnx"  # a dual encoder's form when serving.form is null: top-10 agreement with fp32 1.000, 3x faster
 CACHE_DIR = "catalog_cache"  # inside a writable model directory: its catalog vectors, by catalog digest
+AGREEMENT_PRODUCTS = 20_000  # a larger catalog's agreement check retrieves from this many of its products
 
 
 class RankRequest(BaseModel):
@@ -274,11 +276,11 @@ def load_models(cfg: ServingConfig, catalog: Catalog, current: Models | None = N
     replaced, whose index or cross-encoder a swap of the other kind keeps."""
     assert cfg.model_dir is not None
     if model_role(cfg.model_dir) == "retriever":
-        index = encoder_index(cfg, catalog, cfg.model_dir, cfg.form, cfg.int8_fp32_layers)
+        index = encoder_index(cfg, catalog, cfg.model_dir, cfg.form or ENCODER_FORM, cfg.int8_fp32_layers)
         reranker = current.ranker if current is not None and current.served == "retriever" else (
             _ranker(cfg, cfg.reranker, "fp32", []) if cfg.reranker else None)
         return Models(index, reranker, "retriever")
-    ranker = _ranker(cfg, cfg.model_dir, cfg.form, cfg.int8_fp32_layers)
+    ranker = _ranker(cfg, cfg.model_dir, cfg.form or "fp32", cfg.int8_fp32_layers)
     if current is not None and current.served == "reranker":
         return Models(current.index, ranker, "reranker")
     return Models(encoder_index(cfg, catalog, str(retriever_path(cfg.retriever)), "fp32", []), ranker, "reranker")
@@ -309,14 +311,21 @@ def _cache_dir(cfg: ServingConfig, model_dir: Path) -> Path | None:
 
 
 def check_agreement(cfg: ServingConfig, catalog: Catalog, index: Index, cache: Path | None) -> float:
-    """The compressed form's top-10 agreement with fp32 over the agreement queries (the catalog embedded with fp32
-    too, or read from the cache); below serving.min_agreement a FedshopError."""
+    """The compressed form's top-10 agreement with fp32 over the agreement queries, retrieving from the catalog, or
+    from AGREEMENT_PRODUCTS of its products spread over it when it is larger (fp32 vectors read from the cache when
+    there); below serving.min_agreement a FedshopError."""
     enc = index.encoder
     reference = Embedder(enc.model_dir, "fp32", cfg.max_length)
-    ref_p = catalog_vectors(reference, catalog, cache)
+    rows = np.linspace(0, len(catalog) - 1, min(len(catalog), AGREEMENT_PRODUCTS)).astype(int)
+    if len(rows) == len(catalog):
+        ref_p, form_p = catalog_vectors(reference, catalog, cache), index.vectors.vectors
+    else:
+        ref_p = reference.encode([catalog.products[i].title for i in rows], 128)
+        form_p = index.vectors.vectors[rows]
     queries = agreement_queries(cfg, catalog)
-    score = top_agreement(enc.encode(queries), index.vectors.vectors, reference.encode(queries), ref_p)
-    verdict = f"serving.form={enc.form}: top-10 agreement with fp32 {score:.4f} on {len(queries)} queries"
+    score = top_agreement(enc.encode(queries), form_p, reference.encode(queries), ref_p)
+    verdict = (f"serving.form={enc.form}: top-10 agreement with fp32 {score:.4f} on {len(queries)} queries over "
+               f"{len(rows)} products")
     if score < cfg.min_agreement:
         raise FedshopError(f"{verdict}, below serving.min_agreement={cfg.min_agreement}; serve fp32, or set "
                            f"serving.force_form=true to serve it anyway")

@@ -66,7 +66,7 @@ def test_a_dual_encoder_directory_is_served_as_the_retriever(server, shop):
     _, enc_a, _, catalog = shop
     assert model_role(enc_a) == "retriever" and model_role(make_model(shop[0] / "cross", 3)) == "reranker"
     health = httpx.get(f"{server.url}/healthz").json()
-    assert health["model"] == "dual encoder" and health["form"] == "fp32" and health["retrieval"] == "exact"
+    assert health["model"] == "dual encoder" and health["form"] == "onnx" and health["retrieval"] == "exact"
     assert health["reranker_version"] is None
     r = httpx.post(f"{server.url}/rank", json={"query": "grey sofa", "k": 5})
     assert r.status_code == 200, r.text
@@ -163,8 +163,8 @@ def test_a_compressed_form_below_min_agreement_is_refused_unless_forced(shop):
     score = top_agreement(models.index.encoder.encode(queries), models.index.vectors.vectors, fp32.encode(queries),
                           catalog_vectors(fp32, catalog))
     assert 0.9 < score < 1.0  # int8 moves a few of the 2,000 top-10 places of this random model
-    with pytest.raises(FedshopError, match=r"serving.form=int8: top-10 agreement with fp32 0\.9\d+ on 200 queries, "
-                                           r"below serving.min_agreement=1.0"):
+    with pytest.raises(FedshopError, match=r"serving.form=int8: top-10 agreement with fp32 0\.9\d+ on 200 queries "
+                                           r"over \d+ products, below serving.min_agreement=1.0"):
         load_models(serving_cfg(shop, form="int8", min_agreement=1.0), catalog)
     forced = load_models(serving_cfg(shop, form="int8", min_agreement=1.0, force_form=True), catalog)
     assert forced.version.endswith("-int8")

@@ -45,7 +45,7 @@ class ServingConfig:
     """The real-time ranking service (python -m serving)."""
 
     model_dir: str | None = None
-    form: str = MISSING
+    form: str | None = None
     int8_fp32_layers: list[int] = field(default_factory=list)
     catalog: str | None = None
     host: str = MISSING
@@ -84,7 +84,8 @@ def validate_serving(v: ServingConfig) -> None:
 
 def _validate_service(v: ServingConfig) -> None:
     """The served form, sizes, k and the request timeout."""
-    _check(v.form in {"fp32", "int8", "onnx", "onnx-int8"}, "serving.form", v.form, "fp32|int8|onnx|onnx-int8")
+    _check(v.form in {None, "fp32", "int8", "onnx", "onnx-int8"}, "serving.form", v.form,
+           "fp32|int8|onnx|onnx-int8|null")
     for key in ("max_length", "retrieve_top_n", "default_k", "max_k", "max_candidates", "max_query_chars",
                 "batch_max_requests", "query_batch_max_requests", "ann_min_products", "ann_m", "ann_ef_search"):
         _check(getattr(v, key) > 0, f"serving.{key}", getattr(v, key), "> 0")
