@@ -18,6 +18,7 @@ from serving.app import RankRequest, agreement_queries, load_models, load_servic
 from serving.catalog import load_catalog
 from serving.embedder import Embedder, model_role, top_agreement
 from serving.index import cache_path, catalog_vectors
+from serving.ranker import model_version
 from tests.conftest import run_cli
 from tests.test_serving import CATALOG_ARGS, Server, make_model
 
@@ -121,7 +122,7 @@ def test_a_swap_under_load_embeds_the_new_catalog_first_and_never_mixes_models(s
     """Every response is entirely one model's: its scores equal that model's cosines and its ids that model's top
     5; both versions answer; nothing fails; a bad directory changes nothing."""
     _, enc_a, enc_b, catalog = shop
-    truth = {Embedder(d).version: cosines(d, catalog, "leather boots") for d in (enc_a, enc_b)}
+    truth = {f"{model_version(d)}-onnx": cosines(d, catalog, "leather boots") for d in (enc_a, enc_b)}  # the default
     responses: list[httpx.Response] = []
     stop = threading.Event()
 
