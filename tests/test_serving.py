@@ -147,12 +147,18 @@ class Server:
             self.proc.wait()
 
 
+def make_shop(root: Path) -> Path:
+    """The built-in marketplace's catalog (small) under root/data, by python -m serving.make_catalog."""
+    proc = run_cli("serving.make_catalog", [str(root / "data"), *CATALOG_ARGS], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "data" / "catalog.csv"
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    proc = run_cli("serving.make_catalog", [str(root / "data"), *CATALOG_ARGS], root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return root, make_model(root / "model_a", 1), make_model(root / "model_b", 2), root / "data" / "catalog.csv"
+    catalog = make_shop(root)
+    return root, make_model(root / "model_a", 1), make_model(root / "model_b", 2), catalog
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from serving.catalog import load_catalog
 from serving.embedder import Embedder, model_role, top_agreement
 from serving.index import cache_path, catalog_vectors
 from serving.ranker import model_version
-from tests.conftest import run_cli
-from tests.test_serving import CATALOG_ARGS, Server, make_model
+from tests.test_serving import Server, make_model, make_shop
 
 
 def make_encoder(out: Path, seed: int) -> Path:
@@ -35,9 +34,8 @@ def make_encoder(out: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoder_serving")
-    proc = run_cli("serving.make_catalog", [str(root / "data"), *CATALOG_ARGS], root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return root, make_encoder(root / "enc_a", 1), make_encoder(root / "enc_b", 2), root / "data" / "catalog.csv"
+    catalog = make_shop(root)
+    return root, make_encoder(root / "enc_a", 1), make_encoder(root / "enc_b", 2), catalog
 
 
 @pytest.fixture(scope="module")
