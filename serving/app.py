@@ -304,10 +304,13 @@ def encoder_index(cfg: ServingConfig, catalog: Catalog, model_dir: str, form: st
 
 
 def _cache_dir(cfg: ServingConfig, model_dir: Path) -> Path | None:
-    """serving.cache_dir, else <model_dir>/catalog_cache where the model directory is writable, else none."""
+    """serving.cache_dir, else <model_dir>/catalog_cache when model_dir is the served, writable serving.model_dir
+    (never the default retriever's installed package), else none."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    return model_dir.expanduser() / CACHE_DIR if os.access(model_dir.expanduser(), os.W_OK) else None
+    path = model_dir.expanduser()
+    served = cfg.model_dir is not None and Path(cfg.model_dir).expanduser().resolve() == path.resolve()
+    return path / CACHE_DIR if served and os.access(path, os.W_OK) else None
 
 
 def check_agreement(cfg: ServingConfig, catalog: Catalog, index: Index, cache: Path | None) -> float:
